@@ -1,0 +1,247 @@
+"""The model ladder M1–M7 as a registry, and each model's search space next to it.
+
+``MODELS`` maps a model id to a builder returning an uncompiled Keras model; ``build_model``
+adds the optimizer, loss and metrics. Exact architectures are in
+../shared/docs/model-ladder.md; each model's seed hyperparameters are ``MODEL_DEFAULTS`` in
+``settings.py``. ``SEARCH_SPACES`` are plain dicts of ``tune.*`` values keyed by settings fields.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import cifar_core  # noqa: F401  (selects tf_keras before TensorFlow loads)
+import tf_keras as keras
+from ray import tune
+from tf_keras import layers
+
+from cifar_core.settings import CLASS_NAMES, MODEL_DEFAULTS, Settings, SettingsError
+
+NUM_CLASSES = len(CLASS_NAMES)
+BACKBONE_NAME = "backbone"
+
+
+class ModelError(ValueError):
+    """A model id is unknown or a checkpoint cannot be loaded safely."""
+
+
+def _inputs_and_augmentation(settings: Settings):
+    """The input layer and the random augmentation layers the settings ask for.
+
+    Keras preprocessing layers are inactive at inference, so a saved model scores unaugmented.
+    Order as the seed's M6: contrast, flip, rotation; then shifts (M7).
+    """
+    size = settings.input_size
+    inputs = keras.Input(shape=(size, size, 3), name="image")
+    x = inputs
+    if settings.augment_contrast:
+        x = layers.RandomContrast(settings.augment_contrast, seed=settings.seed)(x)
+    if settings.augment_flip:
+        x = layers.RandomFlip("horizontal", seed=settings.seed)(x)
+    if settings.augment_rotation:
+        x = layers.RandomRotation(settings.augment_rotation, seed=settings.seed)(x)
+    if settings.augment_shift:
+        x = layers.RandomTranslation(settings.augment_shift, settings.augment_shift,
+                                     seed=settings.seed)(x)
+    return inputs, x
+
+
+def _classifier(x, units: int):
+    # float32 output keeps softmax and the loss numerically safe under mixed precision.
+    return layers.Dense(units, activation="softmax", dtype="float32", name="predictions")(x)
+
+
+def _conv(filters: int, padding: str = "same"):
+    return layers.Conv2D(filters, 3, padding=padding, activation="relu")
+
+
+def build_m1(settings: Settings) -> keras.Model:
+    """M1: baseline small CNN, one valid 3x3 conv, max-pool, Dense100."""
+    inputs, x = _inputs_and_augmentation(settings)
+    x = _conv(32, padding="valid")(x)
+    x = layers.MaxPooling2D(2)(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(settings.dense_units, activation="relu")(x)
+    x = layers.Dropout(settings.dropout_rate)(x) if settings.dropout_rate else x
+    return keras.Model(inputs, _classifier(x, NUM_CLASSES), name="M1")
+
+
+def build_m2(settings: Settings) -> keras.Model:
+    """M2: two 3x3 conv layers, max-pool, Dense128."""
+    inputs, x = _inputs_and_augmentation(settings)
+    x = _conv(32)(x)
+    x = _conv(32)(x)
+    x = layers.MaxPooling2D(2)(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(settings.dense_units, activation="relu")(x)
+    x = layers.Dropout(settings.dropout_rate)(x) if settings.dropout_rate else x
+    return keras.Model(inputs, _classifier(x, NUM_CLASSES), name="M2")
+
+
+def build_m4(settings: Settings) -> keras.Model:
+    """M4: two conv blocks (32, 64) with dropout after each, Dense128, dropout 0.5."""
+    inputs, x = _inputs_and_augmentation(settings)
+    for filters in (32, 64):
+        x = _conv(filters)(x)
+        x = _conv(filters)(x)
+        x = layers.MaxPooling2D(2)(x)
+        x = layers.Dropout(settings.conv_dropout_rate)(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(settings.dense_units, activation="relu")(x)
+    x = layers.Dropout(settings.dropout_rate)(x)
+    return keras.Model(inputs, _classifier(x, NUM_CLASSES), name="M4")
+
+
+def build_m5(settings: Settings) -> keras.Model:
+    """M5: frozen VGG16 base at 64x64, Flatten, Dense256, dropout 0.5."""
+    from tf_keras.applications import VGG16
+
+    size = settings.input_size
+    backbone = VGG16(include_top=False, weights=resolve_backbone_weights(settings),
+                     input_shape=(size, size, 3))
+    return _transfer_model(settings, backbone, layers.Flatten())
+
+
+def build_m6(settings: Settings) -> keras.Model:
+    """M6: VGG-style 64/128/256 conv blocks with BatchNorm, behind random augmentation."""
+    inputs, x = _inputs_and_augmentation(settings)
+    for filters in (64, 128, 256):
+        x = _conv(filters)(x)
+        x = _conv(filters)(x)
+        x = layers.MaxPooling2D(2)(x)
+        x = layers.BatchNormalization()(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(settings.dense_units, activation="relu")(x)
+    x = layers.Dropout(settings.dropout_rate)(x)
+    return keras.Model(inputs, _classifier(x, NUM_CLASSES), name="M6")
+
+
+def build_m7(settings: Settings) -> keras.Model:
+    """M7: MobileNetV2 at 96x96 (transfer learning), GAP, dropout, Dense256, dropout."""
+    from tf_keras.applications import MobileNetV2
+
+    size = settings.input_size
+    backbone = MobileNetV2(include_top=False, weights=resolve_backbone_weights(settings),
+                           input_shape=(size, size, 3), alpha=settings.backbone_alpha)
+    return _transfer_model(settings, backbone, layers.GlobalAveragePooling2D(),
+                           dropout_before_dense=True)
+
+
+def _transfer_model(settings: Settings, backbone: keras.Model, pooling: layers.Layer,
+                    dropout_before_dense: bool = False) -> keras.Model:
+    """Backbone (frozen, BatchNorm in inference mode) + the seed's classification head."""
+    backbone._name = BACKBONE_NAME  # a stable name: phases find the backbone by it
+    backbone.trainable = False
+    inputs, x = _inputs_and_augmentation(settings)
+    # training=False keeps BatchNorm layers on their pretrained moving statistics even after
+    # phase 2 unfreezes them: small fine-tuning batches would otherwise overwrite them.
+    x = backbone(x, training=False)
+    x = pooling(x)
+    if dropout_before_dense:
+        x = layers.Dropout(settings.dropout_rate)(x)
+    x = layers.Dense(settings.dense_units, activation="relu")(x)
+    x = layers.Dropout(settings.dropout_rate)(x)
+    return keras.Model(inputs, _classifier(x, NUM_CLASSES), name=settings.model)
+
+
+MODELS: dict[str, Callable[[Settings], keras.Model]] = {
+    "M1": build_m1,
+    "M2": build_m2,
+    "M4": build_m4,
+    "M5": build_m5,
+    "M6": build_m6,
+    "M7": build_m7,
+}
+assert set(MODELS) == set(MODEL_DEFAULTS), "registry and MODEL_DEFAULTS must list the same ids"
+
+
+def resolve_backbone_weights(settings: Settings) -> str | None:
+    """What Keras applications take as ``weights``: 'imagenet', None or a local file path."""
+    weights = settings.backbone_weights
+    if weights == "none":
+        return None
+    if weights == "imagenet":
+        return "imagenet"  # Keras downloads once into ~/.keras/models and reuses the file
+    if weights.startswith("s3://"):
+        from cifar_core.storage import download_s3_file
+
+        return str(download_s3_file(weights))
+    return weights
+
+
+def make_optimizer(name: str, learning_rate: float, settings: Settings):
+    if name == "adam":
+        return keras.optimizers.Adam(learning_rate=learning_rate)
+    return keras.optimizers.SGD(learning_rate=learning_rate, momentum=settings.momentum,
+                                nesterov=settings.nesterov)
+
+
+def compile_model(model: keras.Model, settings: Settings, learning_rate: float) -> None:
+    model.compile(optimizer=make_optimizer(settings.optimizer, learning_rate, settings),
+                  loss="categorical_crossentropy", metrics=["accuracy"],
+                  jit_compile=settings.xla)
+
+
+def build_model(settings: Settings, compile: bool = True) -> keras.Model:
+    """Build (and compile, at the phase-1 learning rate) the model ``settings.model`` names."""
+    if settings.model not in MODELS:
+        raise ModelError(f"unknown model {settings.model!r}; valid models: {sorted(MODELS)}")
+    keras.mixed_precision.set_global_policy(
+        "mixed_float16" if settings.mixed_precision else "float32")
+    keras.utils.set_random_seed(settings.seed)
+    model = MODELS[settings.model](settings)
+    if compile:
+        compile_model(model, settings, settings.learning_rate)
+    return model
+
+
+def backbone_of(model: keras.Model) -> keras.Model | None:
+    try:
+        return model.get_layer(BACKBONE_NAME)
+    except ValueError:
+        return None
+
+
+def set_trainable_backbone_layers(model: keras.Model, count: int) -> None:
+    """Freeze the backbone except its last ``count`` layers (0: all frozen). Head stays trainable.
+
+    Call ``compile_model`` afterwards: Keras only picks up ``trainable`` changes on compile.
+    """
+    backbone = backbone_of(model)
+    if backbone is None:
+        if count:
+            raise SettingsError(f"model {model.name} has no backbone to unfreeze")
+        return
+    backbone.trainable = count > 0
+    if count:
+        for index, layer in enumerate(backbone.layers):
+            layer.trainable = index >= len(backbone.layers) - count
+
+
+def load_checkpoint_model(path: str) -> keras.Model:
+    """Load a ``.keras`` model safely: code-carrying layers (Lambda, custom objects) refused."""
+    try:
+        return keras.models.load_model(path, safe_mode=True, compile=True)
+    except Exception as error:
+        raise ModelError(f"{path}: cannot load model safely ({error})") from error
+
+
+# ---------------------------------------------------------------------------- search spaces
+#: The ``--grid default`` sweep: a small grid around each model's seed settings, keyed by
+#: settings fields. ``--grid seed`` runs MODEL_DEFAULTS alone.
+SEARCH_SPACES: dict[str, dict] = {
+    "M1": {"learning_rate": tune.grid_search([0.01, 0.03, 0.1]),
+           "batch_size": tune.grid_search([128, 512])},
+    "M2": {"learning_rate": tune.grid_search([0.01, 0.03, 0.1]),
+           "batch_size": tune.grid_search([128, 512])},
+    "M4": {"learning_rate": tune.grid_search([3e-4, 1e-3, 3e-3]),
+           "dropout_rate": tune.grid_search([0.3, 0.5]),
+           "conv_dropout_rate": tune.grid_search([0.1, 0.2])},
+    "M5": {"learning_rate": tune.grid_search([1e-3, 3e-3]),
+           "dropout_rate": tune.grid_search([0.3, 0.5])},
+    "M6": {"learning_rate": tune.grid_search([3e-4, 1e-3]),
+           "augment_rotation": tune.grid_search([0.05, 0.1])},
+    "M7": {"learning_rate": tune.grid_search([1e-4, 3e-4]),
+           "fine_tune_layers": tune.grid_search([30, 50])},
+}
+assert set(SEARCH_SPACES) == set(MODELS)

@@ -1,0 +1,86 @@
+"""Where a result came from: git commit, library versions, machine, time.
+
+Written beside every checkpoint, trial and benchmark. On Ray workers that received the code as a
+``working_dir`` there is no ``.git``; the driver's commit travels in ``CIFAR_FLEET_COMMIT``
+(``runtime_env_vars`` adds it), so workers report the same commit as the driver.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import os
+import platform
+import socket
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+PACKAGES = ("tensorflow", "tf_keras", "ray", "numpy", "scikit-learn", "pandas", "boto3",
+            "pyarrow", "pillow")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str:
+    """The code's commit (with ``-dirty`` when the work tree has changes), or 'unknown'."""
+    if os.environ.get("CIFAR_FLEET_COMMIT"):
+        return os.environ["CIFAR_FLEET_COMMIT"]
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"],
+                                capture_output=True, text=True, timeout=10, check=True)
+        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain",
+                                "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+@functools.lru_cache(maxsize=1)
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def machine() -> dict[str, object]:
+    """Host facts that explain a timing: CPU count and model, GPUs TensorFlow can see."""
+    cpu_model = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpus: list[str] = []
+    try:
+        import tensorflow as tf
+
+        gpus = [gpu.name for gpu in tf.config.list_physical_devices("GPU")]
+    except ImportError:
+        pass
+    return {"hostname": socket.gethostname(), "cpus": os.cpu_count(), "cpu_model": cpu_model,
+            "gpus": gpus, "platform": platform.platform()}
+
+
+def provenance() -> dict[str, object]:
+    return {"git_commit": git_commit(), "versions": library_versions(), "machine": machine(),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def runtime_env_vars() -> dict[str, str]:
+    """Environment variables every Ray worker of a job needs: the Keras switch and the commit."""
+    from cifar_core import KERAS_ENV_VARS
+
+    env = dict(KERAS_ENV_VARS)
+    env["CIFAR_FLEET_COMMIT"] = git_commit()
+    for name in ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "CIFAR_FLEET_CACHE"):
+        if os.environ.get(name):
+            env[name] = os.environ[name]
+    return env

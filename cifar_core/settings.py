@@ -1,0 +1,291 @@
+"""One flat, frozen, validated settings object per run.
+
+A Tune trial's config, a CLI invocation and a checkpoint's ``settings.json`` all become a
+``Settings`` through ``Settings.from_dict``; an unknown key or a bad value raises
+``SettingsError`` naming the field and the value *before* any data is read or any cluster work
+starts. Each model's seed-notebook values live in ``MODEL_DEFAULTS``; a field given explicitly
+overrides them.
+
+This module imports neither TensorFlow nor Ray, so validating a whole grid costs milliseconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+#: CIFAR-10's classes, in the order the data set numbers them (label 0..9).
+CLASS_NAMES = (
+    "airplane", "automobile", "bird", "cat", "deer",
+    "dog", "frog", "horse", "ship", "truck",
+)
+
+#: The seed notebook's settings for each model (../shared/docs/model-ladder.md). Anything not
+#: listed takes the field default below. Test accuracies of the notebook are in SEED_ACCURACY.
+MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "M1": dict(num_epochs=50, batch_size=512, optimizer="sgd", learning_rate=0.01,
+               dense_units=100, dropout_rate=0.0),
+    "M2": dict(num_epochs=50, batch_size=512, optimizer="sgd", learning_rate=0.01,
+               dense_units=128, dropout_rate=0.0),
+    "M4": dict(num_epochs=50, batch_size=512, optimizer="adam", learning_rate=1e-3,
+               dense_units=128, dropout_rate=0.5, conv_dropout_rate=0.2),
+    "M5": dict(num_epochs=20, batch_size=64, optimizer="sgd", learning_rate=1e-3,
+               momentum=0.9, nesterov=True, dense_units=256, dropout_rate=0.5, image_size=64),
+    "M6": dict(num_epochs=25, batch_size=512, optimizer="adam", learning_rate=1e-3,
+               dense_units=128, dropout_rate=0.5, augment_contrast=0.1, augment_flip=True,
+               augment_rotation=0.1),
+    # Rotation 15 degrees = 15/360 of a turn; shifts 10 %; flips. Phase 1 20 epochs at 1e-4,
+    # phase 2 15 epochs at 1e-5 with the last 50 backbone layers trainable.
+    "M7": dict(num_epochs=20, batch_size=64, optimizer="adam", learning_rate=1e-4,
+               dense_units=256, dropout_rate=0.4, image_size=96, augment_rotation=15 / 360,
+               augment_shift=0.1, augment_flip=True, fine_tune_epochs=15,
+               fine_tune_learning_rate=1e-5, fine_tune_layers=50, early_stopping_patience=5,
+               reduce_lr_patience=3),
+}
+
+#: Test accuracy the seed notebook reported for each model (original pickled CIFAR-10).
+SEED_ACCURACY = {"M1": 0.552, "M2": 0.580, "M4": 0.782, "M5": 0.672, "M6": 0.825, "M7": 0.886}
+
+#: Models whose convolutional base is a pretrained backbone.
+BACKBONE_MODELS = ("M5", "M7")
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+class SettingsError(ValueError):
+    """A settings field has an unknown name or a value outside its allowed range."""
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    """A dataclass field whose docstring travels as metadata (used for ``--help`` too)."""
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything one training run depends on. Field names are the CLI flags and Tune keys."""
+
+    model: str = _help("Model id from the registry: M1, M2, M4, M5, M6 or M7.", default="M4")
+    data: str = _help(
+        "CIFAR-10 source: 'keras' (download), a cifar-10-batches-py directory, an image-folder "
+        "directory <root>/{train,test}/<class>/*, or s3://bucket/prefix holding either.",
+        default_factory=lambda: os.environ.get("CIFAR10_DATA", "keras"))
+    limit: int | None = _help(
+        "Use a stratified subset of N training images (and N/5 test images) for quick runs.",
+        default=None)
+    validation_fraction: float = _help(
+        "Fraction of the training set held out (stratified, seeded) for validation.", default=0.1)
+    seed: int = _help("Seed for the validation split, subsets, weight init and shuffling.",
+                      default=0)
+    num_epochs: int = _help("Training epochs (M7: phase-1 epochs, backbone frozen).", default=50)
+    batch_size: int = _help("Global batch size in images per optimizer step.", default=512)
+    optimizer: str = _help("'sgd' or 'adam'.", default="sgd")
+    learning_rate: float = _help("Learning rate (M7: phase-1 rate).", default=0.01)
+    momentum: float = _help("SGD momentum in [0, 1); ignored by Adam.", default=0.0)
+    nesterov: bool = _help("Nesterov momentum for SGD.", default=False)
+    dense_units: int = _help("Units of the hidden Dense layer of the head.", default=128)
+    dropout_rate: float = _help("Dropout before the output layer (head), in [0, 1).",
+                                default=0.0)
+    conv_dropout_rate: float = _help("Dropout after each conv block (M4), in [0, 1).",
+                                     default=0.0)
+    image_size: int | None = _help(
+        "Model input size in pixels (M5: 64, M7: 96; the 32-px images are resized per batch). "
+        "None = the model's native 32 px.", default=None)
+    augment_rotation: float = _help("Random rotation, as a fraction of a full turn (0 = off).",
+                                    default=0.0)
+    augment_shift: float = _help("Random width/height shift, as a fraction of size (0 = off).",
+                                 default=0.0)
+    augment_contrast: float = _help("Random contrast factor (0 = off).", default=0.0)
+    augment_flip: bool = _help("Random horizontal flips.", default=False)
+    backbone_weights: str = _help(
+        "M5/M7 backbone weights: 'imagenet' (Keras download, cached), 'none' (random init), "
+        "a local weights file (.h5) or an s3:// URI of one.", default="imagenet")
+    backbone_alpha: float = _help(
+        "MobileNetV2 width multiplier (M7); 1.0 is the seed's, smaller values are for tests.",
+        default=1.0)
+    fine_tune_epochs: int = _help("M7 phase-2 epochs (last layers unfrozen); 0 = no phase 2.",
+                                  default=0)
+    fine_tune_learning_rate: float = _help("M7 phase-2 learning rate.", default=1e-5)
+    fine_tune_layers: int = _help("M7 phase 2: how many of the last backbone layers train.",
+                                  default=50)
+    early_stopping_patience: int = _help(
+        "Stop a phase after this many epochs without a better val_accuracy, restoring the best "
+        "weights (0 = off).", default=0)
+    reduce_lr_patience: int = _help(
+        "Multiply the learning rate by reduce_lr_factor after this many epochs without a lower "
+        "val_loss (0 = off).", default=0)
+    reduce_lr_factor: float = _help("Factor for reduce-LR-on-plateau, in (0, 1).", default=0.3)
+    mixed_precision: bool = _help("float16 compute with float32 variables (GPUs).",
+                                  default=False)
+    xla: bool = _help("Compile the train step with XLA (jit_compile).", default=False)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> "Settings":
+        """Build from a (Tune, CLI or JSON) dict: the model's seed defaults, then ``config``.
+
+        Keys whose value is None are treated as "not given", so CLI flags left unset keep the
+        model's defaults.
+        """
+        config = {k: v for k, v in config.items() if v is not None}
+        unknown = sorted(set(config) - set(cls.field_names()))
+        if unknown:
+            raise SettingsError(
+                f"unknown settings field(s) {unknown}; valid fields: {cls.field_names()}")
+        model = config.get("model", cls.__dataclass_fields__["model"].default)
+        if model not in MODEL_DEFAULTS:
+            raise SettingsError(
+                f"model={model!r} is not a known model; valid models: {sorted(MODEL_DEFAULTS)}")
+        return cls(**{**MODEL_DEFAULTS[model], **config, "model": model})
+
+    @classmethod
+    def from_json(cls, text: str) -> "Settings":
+        return cls.from_dict(json.loads(text))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def replace(self, **changes: Any) -> "Settings":
+        return Settings.from_dict({**self.to_dict(), **changes})
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def input_size(self) -> int:
+        """Side of the square image the model takes, in pixels."""
+        return self.image_size or 32
+
+    @property
+    def total_epochs(self) -> int:
+        """Epochs of all phases together (M7: phase 1 + phase 2)."""
+        return self.num_epochs + self.fine_tune_epochs
+
+    # ------------------------------------------------------------------ validation
+    def __post_init__(self) -> None:
+        if self.model not in MODEL_DEFAULTS:
+            raise SettingsError(
+                f"model={self.model!r} is not a known model; valid: {sorted(MODEL_DEFAULTS)}")
+        self._check_types()
+        for name in ("learning_rate", "fine_tune_learning_rate"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise SettingsError(f"{name}={value!r} must be a finite number > 0")
+        for name in ("dropout_rate", "conv_dropout_rate", "momentum", "validation_fraction"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and 0 <= value < 1):
+                raise SettingsError(f"{name}={value!r} must be in [0, 1)")
+        if self.validation_fraction <= 0:
+            raise SettingsError(
+                f"validation_fraction={self.validation_fraction!r} must be > 0: the test set is "
+                "never used for model selection, so a validation split is required")
+        for name in ("num_epochs", "batch_size", "dense_units"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{name}={getattr(self, name)!r} must be >= 1")
+        for name in ("fine_tune_epochs", "fine_tune_layers", "early_stopping_patience",
+                     "reduce_lr_patience", "seed"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{name}={getattr(self, name)!r} must be >= 0")
+        for name in ("augment_rotation", "augment_shift", "augment_contrast"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and 0 <= value <= 1):
+                raise SettingsError(f"{name}={value!r} must be in [0, 1]")
+        if not (0 < self.reduce_lr_factor < 1):
+            raise SettingsError(f"reduce_lr_factor={self.reduce_lr_factor!r} must be in (0, 1)")
+        if not (math.isfinite(self.backbone_alpha) and self.backbone_alpha > 0):
+            raise SettingsError(f"backbone_alpha={self.backbone_alpha!r} must be > 0")
+        if self.optimizer not in OPTIMIZERS:
+            raise SettingsError(f"optimizer={self.optimizer!r} must be one of {OPTIMIZERS}")
+        if self.limit is not None and self.limit < len(CLASS_NAMES):
+            raise SettingsError(
+                f"limit={self.limit!r} is smaller than the number of classes "
+                f"({len(CLASS_NAMES)}): a stratified subset needs at least one image per class")
+        if self.image_size is not None and self.image_size < 32:
+            raise SettingsError(f"image_size={self.image_size!r} must be >= 32 (or None)")
+        if self.fine_tune_epochs and self.model not in BACKBONE_MODELS:
+            raise SettingsError(
+                f"fine_tune_epochs={self.fine_tune_epochs!r}: only {BACKBONE_MODELS} have a "
+                "backbone to fine-tune")
+        self._check_weights()
+
+    def _check_types(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            expected = f.type.replace(" ", "")
+            if expected == "bool":
+                ok = isinstance(value, bool)
+            elif expected in ("int", "int|None"):
+                ok = (isinstance(value, int) and not isinstance(value, bool)) or (
+                    value is None and expected.endswith("None"))
+                # Tune's grid values come back as numpy ints; accept integral numbers.
+                if not ok and hasattr(value, "__index__") and not isinstance(value, bool):
+                    object.__setattr__(self, f.name, int(value))
+                    ok = True
+            elif expected == "float":
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+                if ok:
+                    object.__setattr__(self, f.name, float(value))
+                elif hasattr(value, "__float__") and not isinstance(value, (bool, str)):
+                    object.__setattr__(self, f.name, float(value))
+                    ok = True
+            else:  # str
+                ok = isinstance(value, str)
+            if not ok:
+                raise SettingsError(
+                    f"{f.name}={value!r} has type {type(value).__name__}, expected {f.type}")
+
+    def _check_weights(self) -> None:
+        weights = self.backbone_weights
+        if weights in ("imagenet", "none") or weights.startswith("s3://"):
+            return  # an s3:// object is checked when it is fetched, on the machine that trains
+        if not os.path.isfile(weights) or not os.access(weights, os.R_OK):
+            raise SettingsError(
+                f"backbone_weights={weights!r} is not 'imagenet', 'none', an s3:// URI or a "
+                "readable file")
+
+
+def add_settings_arguments(parser: Any, skip: tuple[str, ...] = ()) -> None:
+    """Add one ``--field-name`` flag per settings field to an argparse parser.
+
+    Flags default to None so that ``Settings.from_dict`` keeps each model's seed defaults
+    for anything not given on the command line.
+    """
+    for f in dataclasses.fields(Settings):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = f.type.replace(" ", "")
+        help_text = f.metadata.get("help", "")
+        if kind == "bool":
+            parser.add_argument(flag, dest=f.name, default=None, help=help_text,
+                                type=_parse_bool, metavar="{true,false}")
+        elif kind.startswith("int"):
+            parser.add_argument(flag, dest=f.name, type=int, default=None, help=help_text)
+        elif kind == "float":
+            parser.add_argument(flag, dest=f.name, type=float, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, help=help_text)
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def settings_from_args(args: Any) -> Settings:
+    """The ``Settings`` named by an argparse namespace built with ``add_settings_arguments``."""
+    names = set(Settings.field_names())
+    return Settings.from_dict({k: v for k, v in vars(args).items() if k in names})

@@ -1,0 +1,166 @@
+"""Storage paths and object-store access, local and ``s3://`` alike.
+
+One module owns how URIs are parsed, where the local cache lives and how S3 is reached, so the
+rest of the code never builds a boto3 client or a pyarrow filesystem of its own.
+
+S3-compatible stores (MinIO, moto in the tests) are reached through an endpoint override: the
+``--s3-endpoint`` option of the jobs, or the standard ``AWS_ENDPOINT_URL`` environment variable,
+which boto3 honours by itself. Credentials come only from the usual AWS sources (environment,
+shared config, instance profile); nothing here reads or writes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlparse
+
+#: Bounded retries with back-off for every boto3 call ("standard" mode: throttling and
+#: transient 5xx errors are retried, at most this many attempts in all).
+S3_MAX_ATTEMPTS = 5
+
+
+class StorageError(RuntimeError):
+    """An object-store location is malformed, missing or unreachable."""
+
+
+def is_s3(uri: str | os.PathLike) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix`` -> ``("bucket", "some/prefix")`` (no trailing slash)."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise StorageError(f"{uri!r} is not an s3://bucket/prefix URI")
+    return parsed.netloc, parsed.path.strip("/")
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or an s3:// URI."""
+    if is_s3(base):
+        return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+    return str(Path(base, *parts))
+
+
+def s3_endpoint(endpoint: str | None = None) -> str | None:
+    return endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def s3_client(endpoint: str | None = None):
+    """A boto3 S3 client with standard bounded retries and the optional endpoint override."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(retries={"mode": "standard", "max_attempts": S3_MAX_ATTEMPTS},
+                    connect_timeout=10, read_timeout=60)
+    return boto3.client("s3", endpoint_url=s3_endpoint(endpoint), config=config)
+
+
+def pyarrow_filesystem(uri: str, endpoint: str | None = None):
+    """The (filesystem, path) pair Ray's ``RunConfig(storage_filesystem=...)`` wants.
+
+    Local paths return ``(None, absolute path)``, letting Ray use its default.
+    """
+    if not is_s3(uri):
+        return None, str(Path(uri).resolve())
+    import pyarrow.fs
+
+    bucket, key = split_s3(uri)
+    kwargs = {}
+    if s3_endpoint(endpoint):
+        parsed = urlparse(s3_endpoint(endpoint))
+        kwargs = dict(endpoint_override=parsed.netloc, scheme=parsed.scheme or "https")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
+    return pyarrow.fs.S3FileSystem(**kwargs), f"{bucket}/{key}".rstrip("/")
+
+
+def cache_dir(*parts: str) -> Path:
+    """A per-user cache folder (``CIFAR_FLEET_CACHE``, default ~/.cache/cifar-fleet)."""
+    root = Path(os.environ.get("CIFAR_FLEET_CACHE") or Path.home() / ".cache" / "cifar-fleet")
+    path = root.joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def list_s3(uri: str, endpoint: str | None = None) -> list[dict]:
+    """Every object under an s3:// prefix: dicts with Key, Size, ETag."""
+    bucket, prefix = split_s3(uri)
+    client = s3_client(endpoint)
+    paginator = client.get_paginator("list_objects_v2")
+    objects = []
+    try:
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix + "/" if prefix else ""):
+            objects.extend(page.get("Contents", []))
+    except client.exceptions.NoSuchBucket as error:
+        raise StorageError(f"{uri}: bucket {bucket!r} does not exist") from error
+    return objects
+
+
+def download_s3_prefix(uri: str, endpoint: str | None = None, workers: int = 16) -> Path:
+    """Mirror an s3:// prefix into the local cache and return the local folder.
+
+    The cache entry is keyed by the URI and the objects' ETags, so a changed object is fetched
+    again, and completed with a marker file so an interrupted download is never mistaken for a
+    whole one.
+    """
+    objects = list_s3(uri, endpoint)
+    if not objects:
+        raise StorageError(f"{uri}: no objects under this prefix")
+    digest = hashlib.sha256(uri.encode())
+    for obj in sorted(objects, key=lambda o: o["Key"]):
+        digest.update(f"{obj['Key']}\0{obj.get('ETag', '')}\0".encode())
+    target = cache_dir("s3") / digest.hexdigest()[:24]
+    if (target / ".complete").exists():
+        return target
+    bucket, prefix = split_s3(uri)
+    client = s3_client(endpoint)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
+
+    def fetch(obj: dict) -> None:
+        relative = obj["Key"][len(prefix):].lstrip("/") if prefix else obj["Key"]
+        local = (staging / relative).resolve()
+        if staging.resolve() not in local.parents:  # a key like "../x" must not escape
+            raise StorageError(f"{uri}: object key {obj['Key']!r} escapes the prefix")
+        local.parent.mkdir(parents=True, exist_ok=True)
+        client.download_file(bucket, obj["Key"], str(local))
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(fetch, [o for o in objects if not o["Key"].endswith("/")]))
+    (staging / ".complete").touch()
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+    return target
+
+
+def download_s3_file(uri: str, endpoint: str | None = None) -> Path:
+    """Fetch one s3:// object into the local cache (keyed by URI and ETag); return its path."""
+    bucket, key = split_s3(uri)
+    client = s3_client(endpoint)
+    try:
+        head = client.head_object(Bucket=bucket, Key=key)
+    except Exception as error:  # botocore raises a generic ClientError for 403/404
+        raise StorageError(f"{uri}: cannot read this object ({error})") from error
+    digest = hashlib.sha256(f"{uri}\0{head.get('ETag', '')}".encode()).hexdigest()[:24]
+    target = cache_dir("s3-files", digest) / Path(key).name
+    if not target.exists():
+        partial = target.with_name(target.name + ".partial")
+        client.download_file(bucket, key, str(partial))
+        os.replace(partial, target)
+    return target
+
+
+def upload_dir(local: str | Path, uri: str, endpoint: str | None = None) -> None:
+    """Copy a local folder to an s3:// prefix (used for test fixtures and staging)."""
+    bucket, prefix = split_s3(uri)
+    client = s3_client(endpoint)
+    for path in sorted(Path(local).rglob("*")):
+        if path.is_file():
+            key = "/".join(filter(None, [prefix, path.relative_to(local).as_posix()]))
+            client.upload_file(str(path), bucket, key)

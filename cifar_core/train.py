@@ -1,0 +1,296 @@
+"""The one training function: every model, every job (CLI, Tune trial, Ray Train worker).
+
+``train(settings, data, workdir)`` builds the model, runs its phases with Keras ``fit`` and the
+seed's callbacks, and after every epoch writes a checkpoint, appends one JSON line of metrics
+and calls an optional ``report(metrics, checkpoint_dir)`` hook (Tune and Ray Train plug in
+there). Resuming, fine-tuning and the M7 second phase are the same code path: start from a
+checkpoint whose ``state.json`` says which phase and epoch come next.
+
+A checkpoint is a folder:
+
+    model.keras        the model with its optimizer state (Keras format, loads with safe_mode)
+    settings.json      the Settings it was trained with
+    state.json         phase, epochs done, best val_accuracy so far, per-epoch history
+    provenance.json    git commit, library versions, machine
+    evaluation.json    test-set evaluation (best checkpoint, after training)
+
+The workdir holds ``checkpoints/last``, ``checkpoints/best`` (by val_accuracy), ``metrics.jsonl``
+and ``evaluation.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import cifar_core  # noqa: F401  (selects tf_keras before TensorFlow loads)
+import tf_keras as keras
+
+from cifar_core.data import Cifar10, make_dataset
+from cifar_core.evaluate import evaluate
+from cifar_core.models import (build_model, compile_model, load_checkpoint_model,
+                               set_trainable_backbone_layers)
+from cifar_core.provenance import provenance
+from cifar_core.settings import Settings
+
+ReportFn = Callable[[dict, str], None]
+
+MODEL_FILE = "model.keras"
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One stretch of training at one learning rate with one set of trainable layers."""
+
+    index: int
+    epochs: int
+    learning_rate: float
+    trainable_backbone_layers: int
+
+
+def schedule(settings: Settings) -> list[Phase]:
+    """Phase 1 (backbone frozen) and, when ``fine_tune_epochs`` > 0, phase 2."""
+    phases = [Phase(0, settings.num_epochs, settings.learning_rate, 0)]
+    if settings.fine_tune_epochs:
+        phases.append(Phase(1, settings.fine_tune_epochs, settings.fine_tune_learning_rate,
+                            settings.fine_tune_layers))
+    return phases
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint must remember to continue exactly where it stopped."""
+
+    epoch: int = 0                 # epochs completed, all phases together
+    phase: int = 0                 # index of the phase in progress (or next to start)
+    phase_epochs: int = 0          # epochs completed within that phase
+    best_val_accuracy: float = -math.inf
+    best_epoch: int = 0
+    stop_reasons: list[str] = field(default_factory=list)  # one per finished phase
+    history: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        data = self.__dict__.copy()
+        if not math.isfinite(data["best_val_accuracy"]):
+            data["best_val_accuracy"] = None
+        return json.dumps(data, indent=1)
+
+    @classmethod
+    def read(cls, checkpoint: str | Path) -> "TrainState":
+        data = json.loads(Path(checkpoint, "state.json").read_text())
+        if data.get("best_val_accuracy") is None:
+            data["best_val_accuracy"] = -math.inf
+        return cls(**data)
+
+
+@dataclass
+class TrainResult:
+    workdir: Path
+    state: TrainState
+    evaluation: dict | None
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.workdir / "checkpoints" / "best"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.workdir / "checkpoints" / "last"
+
+    @property
+    def stop_reason(self) -> str:
+        return "early_stopped" if "early_stopped" in self.state.stop_reasons else "completed"
+
+
+def configure_gpus() -> None:
+    """Memory growth on every visible GPU: trials that share a card must not grab all of it."""
+    import tensorflow as tf
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:
+            pass  # already initialised in this process; the first call's setting stands
+
+
+def train(settings: Settings, data: Cifar10, workdir: str | Path, *,
+          report: ReportFn | None = None, resume_from: str | Path | None = None,
+          strategy: Any = None, evaluate_test: bool = True, verbose: int | str = 2
+          ) -> TrainResult:
+    """Train ``settings.model`` on ``data``; checkpoints and metrics go to ``workdir``.
+
+    ``resume_from`` (or an existing ``workdir/checkpoints/last``) continues at the recorded
+    phase and epoch. ``strategy`` is a ``tf.distribute`` strategy (multi-worker Ray Train);
+    every worker must call ``train`` with its own workdir, since every worker must save.
+    """
+    configure_gpus()
+    workdir = Path(workdir)
+    (workdir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (workdir / "settings.json").write_text(settings.to_json())
+    last = workdir / "checkpoints" / "last"
+    if resume_from is None and (last / "state.json").exists():
+        resume_from = last
+
+    scope = strategy.scope() if strategy is not None else _null_scope()
+    with scope:
+        if resume_from is not None:
+            state = TrainState.read(resume_from)
+            model = load_checkpoint_model(str(Path(resume_from, MODEL_FILE)))
+            if Path(resume_from).resolve() != last.resolve():
+                _copy_checkpoint(Path(resume_from), last)
+            best_source = Path(resume_from).parent / "best"
+            if (best_source / "state.json").exists() and not (
+                    workdir / "checkpoints" / "best").exists():
+                _copy_checkpoint(best_source, workdir / "checkpoints" / "best")
+        else:
+            state = TrainState()
+            model = build_model(settings)
+    metrics_file = workdir / "metrics.jsonl"
+    if state.history and not metrics_file.exists():
+        # Resumed into a fresh workdir (a retried Tune trial): keep the earlier epochs' lines.
+        metrics_file.write_text("".join(json.dumps(m) + "\n" for m in state.history))
+
+    train_data = make_dataset(data.x_train, data.y_train, settings, training=True)
+    val_data = make_dataset(data.x_val, data.y_val, settings, training=False)
+    checkpointer = EpochCheckpoint(settings, workdir, state, report)
+
+    for phase in schedule(settings)[state.phase:]:
+        remaining = phase.epochs - state.phase_epochs
+        if state.phase_epochs == 0:
+            # A fresh phase: set which layers train and compile at the phase's rate (this also
+            # gives phase 2 a new optimizer). A resumed phase keeps its optimizer state.
+            with scope:
+                set_trainable_backbone_layers(model, phase.trainable_backbone_layers)
+                compile_model(model, settings, phase.learning_rate)
+        checkpointer.phase = phase
+        callbacks: list[keras.callbacks.Callback] = []
+        early_stopping = None
+        if settings.early_stopping_patience:
+            early_stopping = keras.callbacks.EarlyStopping(
+                monitor="val_accuracy", mode="max", patience=settings.early_stopping_patience,
+                restore_best_weights=True)
+            callbacks.append(early_stopping)
+        if settings.reduce_lr_patience:
+            callbacks.append(keras.callbacks.ReduceLROnPlateau(
+                monitor="val_loss", factor=settings.reduce_lr_factor,
+                patience=settings.reduce_lr_patience, verbose=0))
+        callbacks.append(checkpointer)  # last: sees the learning rate and stop flag they set
+        if remaining > 0:
+            model.fit(train_data, validation_data=val_data, initial_epoch=state.epoch,
+                      epochs=state.epoch + remaining, callbacks=callbacks, verbose=verbose)
+        stopped = early_stopping is not None and early_stopping.stopped_epoch > 0
+        state.stop_reasons.append("early_stopped" if stopped else "completed")
+        state.phase, state.phase_epochs = phase.index + 1, 0
+        if settings.early_stopping_patience:
+            # The seed restores the best weights at the end of each phase; phase 2 starts there.
+            checkpointer.restore_best(model)
+        checkpointer.save(model, best=False, write_metrics=False)
+
+    evaluation = None
+    if evaluate_test:
+        checkpointer.restore_best(model)
+        evaluation = evaluate(model, data, settings)
+        text = json.dumps(evaluation, indent=1)
+        (workdir / "evaluation.json").write_text(text)
+        if (workdir / "checkpoints" / "best").exists():
+            (workdir / "checkpoints" / "best" / "evaluation.json").write_text(text)
+    return TrainResult(workdir, state, evaluation)
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """After every epoch: metrics line, last (and best) checkpoint, then the report hook."""
+
+    def __init__(self, settings: Settings, workdir: Path, state: TrainState,
+                 report: ReportFn | None):
+        super().__init__()
+        self.settings, self.workdir, self.state, self.report = settings, workdir, state, report
+        self.phase: Phase | None = None
+        self.best_weights: list | None = None
+        self.provenance = provenance()
+        self._epoch_start = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._epoch_start = time.perf_counter()
+        self._learning_rate = float(keras.backend.get_value(self.model.optimizer.learning_rate))
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = dict(logs or {})
+        logs.pop("lr", None)  # ReduceLROnPlateau's alias; we record learning_rate instead
+        metrics = {name: float(value) for name, value in logs.items()}
+        metrics.update(epoch=epoch + 1, phase=self.phase.index + 1,
+                       learning_rate=self._learning_rate,
+                       epoch_time_s=round(time.perf_counter() - self._epoch_start, 3))
+        state = self.state
+        state.epoch, state.phase_epochs = epoch + 1, state.phase_epochs + 1
+        improved = metrics.get("val_accuracy", -math.inf) > state.best_val_accuracy
+        if improved:
+            state.best_val_accuracy, state.best_epoch = metrics["val_accuracy"], epoch + 1
+            self.best_weights = self.model.get_weights()
+        metrics["best_val_accuracy"] = state.best_val_accuracy
+        state.history.append(metrics)
+        self.save(self.model, best=improved, write_metrics=True)
+        if self.report is not None:
+            self.report(metrics, str(self.workdir / "checkpoints" / "last"))
+
+    def save(self, model: keras.Model, best: bool, write_metrics: bool) -> None:
+        """Write ``last`` atomically (stage, then rename); copy it to ``best`` if improved."""
+        checkpoints = self.workdir / "checkpoints"
+        staging = checkpoints / ".staging"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        model.save(str(staging / MODEL_FILE))
+        (staging / "settings.json").write_text(self.settings.to_json())
+        (staging / "state.json").write_text(self.state.to_json())
+        (staging / "provenance.json").write_text(json.dumps(self.provenance, indent=1))
+        _replace_dir(staging, checkpoints / "last")
+        if best:
+            _copy_checkpoint(checkpoints / "last", checkpoints / "best")
+        if write_metrics:
+            with open(self.workdir / "metrics.jsonl", "a") as handle:
+                handle.write(json.dumps(self.state.history[-1]) + "\n")
+
+    def restore_best(self, model: keras.Model) -> None:
+        """Load the best-by-val_accuracy weights (from memory, or the best checkpoint)."""
+        if self.best_weights is None:
+            best = self.workdir / "checkpoints" / "best" / MODEL_FILE
+            if not best.exists():
+                return
+            self.best_weights = load_checkpoint_model(str(best)).get_weights()
+        model.set_weights(self.best_weights)
+
+
+def _copy_checkpoint(source: Path, target: Path) -> None:
+    staging = target.with_name("." + target.name + ".copy")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    _replace_dir(staging, target)
+
+
+def _replace_dir(staging: Path, target: Path) -> None:
+    """Swap a fully written folder into place; a crash leaves the old or the new, never half."""
+    old = target.with_name("." + target.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class _null_scope:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def read_metrics(workdir: str | Path) -> list[dict]:
+    """The per-epoch metrics lines a run wrote."""
+    path = Path(workdir, "metrics.jsonl")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
