@@ -164,3 +164,74 @@ def upload_dir(local: str | Path, uri: str, endpoint: str | None = None) -> None
         if path.is_file():
             key = "/".join(filter(None, [prefix, path.relative_to(local).as_posix()]))
             client.upload_file(str(path), bucket, key)
+
+
+# ---------------------------------------------------------------------------- uniform file access
+# Local paths and s3:// URIs through one pyarrow filesystem, the same kind Ray Tune writes with.
+def filesystem(uri: str, endpoint: str | None = None):
+    """(pyarrow filesystem, path inside it) for a local path or an s3:// URI."""
+    import pyarrow.fs
+
+    fs, path = pyarrow_filesystem(uri, endpoint)
+    return (fs or pyarrow.fs.LocalFileSystem()), path
+
+
+def write_text(uri: str, text: str, endpoint: str | None = None) -> None:
+    fs, path = filesystem(uri, endpoint)
+    if not is_s3(uri):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with fs.open_output_stream(path) as stream:
+        stream.write(text.encode())
+
+
+def read_text(uri: str, endpoint: str | None = None) -> str:
+    fs, path = filesystem(uri, endpoint)
+    with fs.open_input_stream(path) as stream:
+        return stream.read().decode()
+
+
+def exists(uri: str, endpoint: str | None = None) -> bool:
+    import pyarrow.fs
+
+    fs, path = filesystem(uri, endpoint)
+    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+
+def find_files(uri: str, name: str, endpoint: str | None = None) -> list[str]:
+    """Every file called ``name`` anywhere below ``uri``, as URIs of the same kind."""
+    import pyarrow.fs
+
+    fs, path = filesystem(uri, endpoint)
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True))
+    except FileNotFoundError:
+        return []
+    found = sorted(i.path for i in infos
+                   if i.type == pyarrow.fs.FileType.File and i.base_name == name)
+    if is_s3(uri):
+        return ["s3://" + p for p in found]
+    return found
+
+
+def upload_tree(local: str | Path, uri: str, endpoint: str | None = None) -> None:
+    """Copy a local folder to ``uri`` (local or s3://), replacing files of the same name."""
+    import pyarrow.fs
+
+    fs, path = filesystem(uri, endpoint)
+    if not is_s3(uri):
+        shutil.rmtree(path, ignore_errors=True)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    pyarrow.fs.copy_files(str(Path(local).resolve()), path,
+                          source_filesystem=pyarrow.fs.LocalFileSystem(),
+                          destination_filesystem=fs)
+
+
+def download_tree(uri: str, local: str | Path, endpoint: str | None = None) -> Path:
+    """Copy a folder at ``uri`` (local or s3://) into the local folder ``local``."""
+    import pyarrow.fs
+
+    fs, path = filesystem(uri, endpoint)
+    Path(local).mkdir(parents=True, exist_ok=True)
+    pyarrow.fs.copy_files(path, str(Path(local).resolve()), source_filesystem=fs,
+                          destination_filesystem=pyarrow.fs.LocalFileSystem())
+    return Path(local)

@@ -1,0 +1,65 @@
+"""One local training run, no Ray: ``cifar train`` / ``python -m jobs.train``.
+
+    cifar train --model M1 --data /data/cifar10 --out results/runs/m1
+    cifar train --model M4 --data /data/cifar10 --limit 2000 --num-epochs 2 --out /tmp/m4
+
+Every settings field is a flag (``--learning-rate``, ``--batch-size``, ``--num-epochs``, ...);
+unset flags keep the model's seed values. Writes ``OUT/checkpoints/{last,best}``,
+``OUT/metrics.jsonl`` (one JSON line per epoch) and ``OUT/evaluation.json``. Re-running into the
+same ``OUT`` resumes from its last checkpoint; ``--resume-from CKPT`` starts from another run's
+checkpoint. ``--smoke-test``: 500 images, one epoch. Exit code 2: invalid settings or data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import cifar_core  # noqa: F401  (selects tf_keras before TensorFlow loads)
+from cifar_core.data import DataError
+from cifar_core.settings import SettingsError, add_settings_arguments, settings_from_args
+
+SMOKE = {"limit": 500, "num_epochs": 1, "fine_tune_epochs": None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cifar train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="Run folder (created; resumed if present).")
+    parser.add_argument("--resume-from", help="Checkpoint folder to start from.")
+    parser.add_argument("--smoke-test", action="store_true", help="500 images, one epoch.")
+    parser.add_argument("--quiet", action="store_true", help="One line per epoch, no bar.")
+    add_settings_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.smoke_test:
+        for name, value in SMOKE.items():
+            if getattr(args, name) is None and value is not None:
+                setattr(args, name, value)
+        if args.fine_tune_epochs is None and args.model == "M7":
+            args.fine_tune_epochs = 1
+    try:
+        settings = settings_from_args(args)
+        from cifar_core.data import load_cifar10
+        from cifar_core.train import train
+
+        data = load_cifar10(settings)
+    except (SettingsError, DataError) as error:
+        print(f"cifar train: error: {error}", file=sys.stderr)
+        return 2
+    print(f"cifar train: {settings.model} on {json.dumps(data.summary())}", flush=True)
+    result = train(settings, data, args.out, resume_from=args.resume_from,
+                   verbose=2 if args.quiet else 1)
+    evaluation = result.evaluation or {}
+    print(f"cifar train: best val_accuracy {result.state.best_val_accuracy:.4f} "
+          f"(epoch {result.state.best_epoch}), test_accuracy "
+          f"{evaluation.get('test_accuracy', float('nan')):.4f}; output in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
