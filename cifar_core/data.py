@@ -7,7 +7,9 @@ Sources (the ``data`` setting, or the ``CIFAR10_DATA`` environment variable):
   parent holding ``cifar-10-batches-py``);
 - an image-folder directory ``<root>/{train,test}/<class>/*`` of PNG/JPEG files (or its parent
   holding a single such folder, as the shared archive unpacks to ``<dir>/cifar10/...``);
-- ``s3://bucket/prefix`` holding either directory form (mirrored into the local cache).
+- ``s3://bucket/prefix`` holding either directory form (mirrored into the local cache);
+- a ``.tar.gz`` / ``.tgz`` / ``.tar`` archive of either form (e.g. the official
+  ``cifar-10-python.tar.gz``), unpacked once into the local cache.
 
 Decoded image folders are cached as ``.npz`` under the user's cache folder (60,000 JPEGs take
 ~15 s to decode on one core; the cached arrays load in well under a second). The cache key
@@ -32,6 +34,7 @@ from cifar_core.storage import cache_dir, download_s3_prefix, is_s3
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SPLITS = ("train", "test")
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 
 
 class DataError(ValueError):
@@ -66,6 +69,8 @@ def load_raw(source: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarra
     if is_s3(source):
         return load_raw(str(download_s3_prefix(source)))
     root = Path(source)
+    if root.is_file() and root.name.endswith(ARCHIVE_SUFFIXES):
+        return load_raw(str(_unpack_archive(root)))
     if not root.exists():
         raise DataError(f"data source {source!r} does not exist (expected 'keras', a "
                         "directory or an s3:// URI)")
@@ -80,6 +85,30 @@ def load_raw(source: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarra
     raise DataError(
         f"data source {source!r} has neither CIFAR-10 python batches (data_batch_1..5, "
         "test_batch) nor an image folder (train/<class>/*, test/<class>/*)")
+
+
+def _unpack_archive(archive: Path) -> Path:
+    """Unpack an archive once into the cache (keyed by path, size and mtime); return the folder."""
+    import tarfile
+
+    stat = archive.stat()
+    key = f"{archive.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    target = cache_dir("archives") / hashlib.sha256(key.encode()).hexdigest()[:24]
+    if (target / ".complete").exists():
+        return target
+    staging = target.with_name(target.name + ".partial")
+    import shutil
+
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(staging, filter="data")  # "data": no absolute paths, links or ../
+    except (tarfile.TarError, OSError) as error:
+        raise DataError(f"{archive}: unreadable archive ({error})") from error
+    (staging / ".complete").touch()
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+    return target
 
 
 def _find_batches_dir(root: Path) -> Path | None:
