@@ -220,7 +220,8 @@ def upload_tree(local: str | Path, uri: str, endpoint: str | None = None) -> Non
     fs, path = filesystem(uri, endpoint)
     if not is_s3(uri):
         shutil.rmtree(path, ignore_errors=True)
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(local, path)
+        return
     pyarrow.fs.copy_files(str(Path(local).resolve()), path,
                           source_filesystem=pyarrow.fs.LocalFileSystem(),
                           destination_filesystem=fs)
@@ -235,3 +236,41 @@ def download_tree(uri: str, local: str | Path, endpoint: str | None = None) -> P
     pyarrow.fs.copy_files(path, str(Path(local).resolve()), source_filesystem=fs,
                           destination_filesystem=pyarrow.fs.LocalFileSystem())
     return Path(local)
+
+
+def upload_file(local: str | Path, uri: str, endpoint: str | None = None) -> None:
+    """Copy one local file to an s3:// URI. S3 makes the object visible only once the upload
+    (multipart for large files) completes, so readers never see half a file."""
+    bucket, key = split_s3_object(uri)
+    s3_client(endpoint).upload_file(str(local), bucket, key)
+
+
+def split_s3_object(uri: str) -> tuple[str, str]:
+    """``s3://bucket/key`` -> ``("bucket", "key")`` keeping the key byte for byte.
+
+    ``split_s3`` parses with urlparse, which would cut a key at '#' or '?'; both are legal in
+    object keys (and common in users' file names).
+    """
+    if not uri.startswith("s3://") or "/" not in uri[5:]:
+        raise StorageError(f"{uri!r} is not an s3://bucket/key URI")
+    bucket, key = uri[5:].split("/", 1)
+    if not bucket or not key:
+        raise StorageError(f"{uri!r} is not an s3://bucket/key URI")
+    return bucket, key
+
+
+def read_s3_object(uri: str, endpoint: str | None = None) -> bytes:
+    """The bytes of one s3:// object (a cached client per process and endpoint)."""
+    bucket, key = split_s3_object(uri)
+    return _cached_s3_client(endpoint).get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+_S3_CLIENTS: dict[str | None, object] = {}
+
+
+def _cached_s3_client(endpoint: str | None = None):
+    # boto3 clients are thread-safe; building one costs ~50 ms, too much per object.
+    key = s3_endpoint(endpoint)
+    if key not in _S3_CLIENTS:
+        _S3_CLIENTS[key] = s3_client(endpoint)
+    return _S3_CLIENTS[key]

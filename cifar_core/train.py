@@ -137,8 +137,9 @@ def train(settings: Settings, data: Cifar10, workdir: str | Path, *,
     if resume_from is None and (last / "state.json").exists():
         resume_from = last
 
-    scope = strategy.scope() if strategy is not None else _null_scope()
-    with scope:
+    # A strategy's scope object can be entered only once, so each ``with`` gets a fresh one.
+    scope = strategy.scope if strategy is not None else _null_scope
+    with scope():
         if resume_from is not None:
             state = TrainState.read(resume_from)
             model = load_checkpoint_model(str(Path(resume_from, MODEL_FILE)))
@@ -165,7 +166,7 @@ def train(settings: Settings, data: Cifar10, workdir: str | Path, *,
         if state.phase_epochs == 0:
             # A fresh phase: set which layers train and compile at the phase's rate (this also
             # gives phase 2 a new optimizer). A resumed phase keeps its optimizer state.
-            with scope:
+            with scope():
                 set_trainable_backbone_layers(model, phase.trainable_backbone_layers)
                 compile_model(model, settings, phase.learning_rate)
         checkpointer.phase = phase

@@ -1,0 +1,283 @@
+"""The local cluster rehearsal (fake GPU nodes on one machine) and the spot-first node choice.
+
+    cluster/local.sh start            # or: python -m cifar_core.cluster start
+    eval "$(cluster/local.sh env)"    # RAY_ADDRESS, RAY_AUTH_MODE, RAY_AUTH_TOKEN_PATH for clients
+    ray job submit --working-dir . -- python -m jobs.tune --smoke-test ...
+    cluster/local.sh stop             # ends exactly the processes this start began, by pid
+
+``start_local_cluster`` runs ``RAY_FAKE_CLUSTER=1 ray start --head --autoscaling-config=...`` with
+``cluster.local.yaml`` (the node types of ``cluster.yaml``, with fake GPUs): the autoscaler
+starts fake worker nodes (real raylets advertising GPUs) when work asks for GPUs and removes
+them when idle, exactly as it would launch EC2 instances. The cluster gets its own ports, its
+own ``--temp-dir`` and its own token (token authentication on, as on AWS), and never touches
+another Ray on the machine: it is stopped by process group and by a marker variable every
+process it started inherits, never with ``ray stop``.
+
+``spot_first_scorer`` is the autoscaler's node-type choice for ``cluster.yaml`` (and the
+rehearsal): Ray's default utilization score, skipping node types whose last launch failed (no
+spot capacity, for one) and, between equally good types, preferring ``*-spot`` types. That is
+what makes the ``gpu1-ondemand`` type a fallback rather than a coin flip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+#: Every process of a rehearsal cluster inherits this variable (value: the cluster's temp
+#: dir), so ``stop_local_cluster`` also finds the ones that left the process group (Ray starts
+#: job drivers in sessions of their own).
+MARKER_VARIABLE = "CIFAR_FLEET_REHEARSAL"
+STATE_FILE = "rehearsal.json"
+#: Node types whose name ends like this run on spot instances (see cluster.yaml).
+SPOT_SUFFIX = "-spot"
+SCORER = "cifar_core.cluster.spot_first_scorer"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ClusterError(RuntimeError):
+    """The rehearsal cluster could not be started, or its state is unreadable."""
+
+
+@dataclass
+class LocalCluster:
+    """What a client needs to reach a rehearsal cluster, and what ``stop`` needs to end it."""
+
+    temp_dir: str
+    gcs_port: int
+    dashboard_port: int
+    client_port: int
+    process_group: int
+    token_path: str
+
+    @property
+    def address(self) -> str:
+        """The job-submission (dashboard) address, as ``ray job submit`` and the SDK want it."""
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def client_env(self) -> dict[str, str]:
+        """Environment for ``ray job submit`` / ``JobSubmissionClient`` against this cluster."""
+        return {"RAY_API_SERVER_ADDRESS": self.address, "RAY_AUTH_MODE": "token",
+                "RAY_AUTH_TOKEN_PATH": self.token_path}
+
+    def auth_headers(self) -> dict[str, str]:
+        """The bearer header the dashboard wants (for a client that cannot use the env vars)."""
+        token = Path(self.token_path).read_text().strip()
+        return {"Authorization": f"Bearer {token}"}
+
+    def save(self) -> None:
+        Path(self.temp_dir, STATE_FILE).write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, temp_dir: str | os.PathLike) -> "LocalCluster":
+        path = Path(temp_dir, STATE_FILE)
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError) as error:
+            raise ClusterError(f"{path}: no readable rehearsal-cluster state ({error})") from error
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ray_executable() -> str:
+    """The ``ray`` script of this interpreter's environment (not whatever is first on PATH)."""
+    candidate = Path(sys.executable).parent / "ray"
+    return str(candidate) if candidate.exists() else "ray"
+
+
+def start_local_cluster(config: str | os.PathLike = REPO_ROOT / "cluster.local.yaml",
+                        temp_dir: str | os.PathLike | None = None,
+                        extra_env: dict[str, str] | None = None,
+                        timeout_s: float = 120) -> LocalCluster:
+    """Start a fake-GPU autoscaling Ray cluster on this machine; return how to reach it.
+
+    ``temp_dir`` defaults to a fresh short folder under /tmp (Ray's socket paths must stay
+    under ~100 characters). ``extra_env`` goes to every Ray process, including job drivers.
+    """
+    import yaml
+
+    temp_dir = Path(temp_dir or tempfile.mkdtemp(prefix="cfrehearsal-", dir="/tmp"))
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    gcs_port, dashboard_port, client_port = _free_port(), _free_port(), _free_port()
+
+    # The fake provider starts worker raylets itself and must be told where the GCS listens
+    # (it assumes port 6379 otherwise); the port is only known now, so the config is copied.
+    settings = yaml.safe_load(Path(config).read_text())
+    settings["provider"]["gcs_address"] = f"127.0.0.1:{gcs_port}"
+    resolved_config = temp_dir / "cluster.local.yaml"
+    resolved_config.write_text(yaml.safe_dump(settings, sort_keys=False))
+
+    token_path = temp_dir / "auth_token"
+    descriptor = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(secrets.token_hex(32))  # 256 bits, as `ray get-auth-token --generate`
+
+    head = settings["available_node_types"][settings["head_node_type"]]["resources"]
+    env = dict(os.environ, **(extra_env or {}))
+    # A client's own cluster address must not leak into the head (nor its job drivers).
+    env.pop("RAY_ADDRESS", None)
+    env.update({
+        "RAY_FAKE_CLUSTER": "1",
+        "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path),
+        MARKER_VARIABLE: str(temp_dir),
+        "RAY_AUTOSCALER_UTILIZATION_SCORER": SCORER,
+        "AUTOSCALER_UPDATE_INTERVAL_S": "1",  # react in seconds, not the default 5 s
+        # The autoscaler's metrics server takes a fixed port (44217) unless told otherwise.
+        "AUTOSCALER_METRIC_PORT": str(_free_port()),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        # Entry points say `python -m jobs...`, as on a cluster node: make that this venv's.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    })
+    command = [
+        _ray_executable(), "start", "--head", f"--port={gcs_port}",
+        f"--temp-dir={temp_dir / 'ray'}", f"--autoscaling-config={resolved_config}",
+        f"--num-cpus={int(head.get('CPU', 0))}", f"--num-gpus={int(head.get('GPU', 0))}",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+        f"--ray-client-server-port={client_port}", "--dashboard-agent-listen-port=0",
+        "--disable-usage-stats",
+    ]
+    log_path = temp_dir / "ray-start.log"
+    with open(log_path, "wb") as log:
+        # A new session makes `ray start` the leader of a process group every Ray process it
+        # spawns stays in: that group id is how `stop` finds them.
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True, cwd=temp_dir)
+    cluster = LocalCluster(str(temp_dir), gcs_port, dashboard_port, client_port, process.pid,
+                           str(token_path))
+    cluster.save()
+    try:
+        returncode = process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        returncode = None
+    if returncode != 0:
+        stop_local_cluster(cluster)
+        raise ClusterError(f"`{shlex.join(command)}` failed (exit {returncode}); see {log_path}:\n"
+                           + log_path.read_text(errors="replace")[-3000:])
+    return cluster
+
+
+def _marked_processes(temp_dir: str) -> list[int]:
+    """Pids of processes whose environment carries this cluster's marker (Linux /proc)."""
+    marker = f"{MARKER_VARIABLE}={temp_dir}".encode()
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if marker in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:  # gone, or not ours to read
+            continue
+    return [pid for pid in found if pid != os.getpid()]
+
+
+def _group_members(group: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            # Fields after the ")" that ends the command name: state, ppid, pgrp, ...
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def _alive(cluster: LocalCluster) -> list[int]:
+    return sorted(set(_group_members(cluster.process_group))
+                  | set(_marked_processes(cluster.temp_dir)))
+
+
+def stop_local_cluster(cluster: LocalCluster | str | os.PathLike,
+                       grace_s: float = 10) -> list[int]:
+    """End every process of a rehearsal cluster (SIGTERM, then SIGKILL); return their pids.
+
+    Only this cluster's process group and processes carrying its marker are signalled.
+    """
+    if not isinstance(cluster, LocalCluster):
+        cluster = LocalCluster.load(cluster)
+    stopped = _alive(cluster)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in _alive(cluster):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 5)
+        while _alive(cluster) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not _alive(cluster):
+            break
+    left = _alive(cluster)
+    if left:
+        raise ClusterError(f"rehearsal cluster {cluster.temp_dir}: pids {left} survived SIGKILL")
+    return stopped
+
+
+# ---------------------------------------------------------------------------- node-type choice
+def spot_first_scorer(node_resources, resources, node_type, *, node_availability_summary):
+    """Ray's utilization score, minus node types that just failed to launch, spot first.
+
+    Set through ``RAY_AUTOSCALER_UTILIZATION_SCORER=cifar_core.cluster.spot_first_scorer`` on
+    the head. The autoscaler records a failed launch (e.g. InsufficientInstanceCapacity for a
+    spot request) as "unavailable" for AUTOSCALER_NODE_AVAILABILITY_MAX_STALENESS_S (30 min);
+    Ray's default scorer ignores that record and would retry the same spot type forever.
+    """
+    from ray.autoscaler._private.resource_demand_scheduler import _default_utilization_scorer
+
+    record = node_availability_summary.node_availabilities.get(node_type)
+    if record is not None and not record.is_available:
+        return None
+    score = _default_utilization_scorer(node_resources, resources, node_type,
+                                        node_availability_summary=node_availability_summary)
+    if score is None:
+        return None
+    return (*score, node_type.endswith(SPOT_SUFFIX))
+
+
+# ---------------------------------------------------------------------------- command line
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cluster/local.sh", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=("start", "stop", "env"))
+    parser.add_argument("--temp-dir", default=os.environ.get("CIFAR_FLEET_REHEARSAL_DIR",
+                                                             "/tmp/cifar-fleet-rehearsal"),
+                        help="Folder for the cluster's state, token and Ray session "
+                             "(default /tmp/cifar-fleet-rehearsal).")
+    parser.add_argument("--config", default=str(REPO_ROOT / "cluster.local.yaml"))
+    args = parser.parse_args(argv)
+    if args.action == "start":
+        if Path(args.temp_dir, STATE_FILE).exists() and _alive(LocalCluster.load(args.temp_dir)):
+            print(f"a rehearsal cluster is already running in {args.temp_dir}", file=sys.stderr)
+            return 2
+        cluster = start_local_cluster(args.config, args.temp_dir)
+        print(f"rehearsal cluster up: dashboard and jobs at {cluster.address}, state in "
+              f"{cluster.temp_dir}; process group {cluster.process_group}")
+        print(f'clients: eval "$(cluster/local.sh env)"; stop: cluster/local.sh stop')
+        return 0
+    cluster = LocalCluster.load(args.temp_dir)
+    if args.action == "env":
+        for name, value in cluster.client_env().items():
+            print(f"export {name}={shlex.quote(value)}")
+        return 0
+    stopped = stop_local_cluster(cluster)
+    print(f"stopped {len(stopped)} processes: {stopped}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

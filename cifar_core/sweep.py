@@ -1,0 +1,439 @@
+"""Ray Tune sweeps over the model ladder: every chosen model with its grid, as parallel trials.
+
+The driver expands every grid into explicit cells *before* Ray starts (so each one is validated
+and hashed), loads the data once and hands it to the trials through Ray's object store
+(``tune.with_parameters``), and lets Tune schedule, retry and (with ASHA) stop trials.
+
+Each trial runs the one training function, reports every epoch with a checkpoint (Tune keeps the
+best and the latest), evaluates the best weights on the test set at its end, and writes its
+``TrialRecord`` plus its best checkpoint under ``<storage>/<name>/trials/<trial_id>/``
+(``records.py``). Trials the scheduler stopped, or that failed after their retries, get their
+record from the driver when the sweep ends. A cell whose record says it completed (or was
+stopped by the scheduler) is not run again when the sweep is re-submitted.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import itertools
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cifar_core.records import (COMPLETED, ERRORED, RECORD_FILE, STOPPED_BY_SCHEDULER,
+                                TRIALS_DIR, TrialRecord, settings_hash, trial_id)
+from cifar_core.settings import MODEL_DEFAULTS, Settings, SettingsError
+from cifar_core import storage
+
+ALL_MODELS = tuple(MODEL_DEFAULTS)
+
+#: Resources per trial on a GPU cluster (``--use-gpu``): small CNNs share a card four to one
+#: (they are input-bound long before they fill an A10G), M6 two to one, M5/M7 a whole card.
+GPU_RESOURCES = {
+    "M1": {"CPU": 2, "GPU": 0.25}, "M2": {"CPU": 2, "GPU": 0.25}, "M4": {"CPU": 2, "GPU": 0.25},
+    "M6": {"CPU": 2, "GPU": 0.5}, "M5": {"CPU": 4, "GPU": 1}, "M7": {"CPU": 4, "GPU": 1},
+}
+#: Resources per trial without GPUs: one core each, so trials run side by side.
+CPU_RESOURCES = {model: {"CPU": 1, "GPU": 0} for model in ALL_MODELS}
+
+#: Settings for ``--smoke-test``: every model, tiny data, one epoch, small inputs.
+SMOKE_SETTINGS = {"limit": 300, "num_epochs": 1, "batch_size": 32}
+SMOKE_MODEL_SETTINGS = {
+    "M5": {"image_size": 32, "backbone_weights": "none"},
+    "M7": {"image_size": 32, "backbone_weights": "none", "backbone_alpha": 0.35,
+           "fine_tune_epochs": 1},
+}
+
+
+class SweepError(ValueError):
+    """The sweep's options or grid are invalid; nothing was started."""
+
+
+@dataclass
+class SweepOptions:
+    """What one ``cifar tune`` invocation asks for (job options, not model settings)."""
+
+    name: str
+    storage: str
+    models: tuple[str, ...] = ALL_MODELS
+    grid: str = "default"                       # "seed", "default" or a JSON file
+    overrides: dict[str, Any] = field(default_factory=dict)  # settings for every trial
+    seeds: int = 1
+    num_samples: int = 1
+    epochs_scale: float = 1.0
+    scheduler: str = "none"                     # "none" or "asha"
+    max_concurrent: int | None = None
+    use_gpu: bool = False
+    resources: dict[str, dict[str, float]] = field(default_factory=dict)  # per-model overrides
+    max_failures: int = 1
+    resume: bool = False
+    s3_endpoint: str | None = None
+    smoke_test: bool = False
+
+    @property
+    def sweep_uri(self) -> str:
+        return storage.join_uri(self.storage, self.name)
+
+    def trial_resources(self, model: str) -> dict[str, float]:
+        table = GPU_RESOURCES if self.use_gpu else CPU_RESOURCES
+        return {**table[model], **self.resources.get(model, {})}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One trial to run: validated settings and their id."""
+
+    settings: Settings
+    digest: str
+
+    @property
+    def trial_id(self) -> str:
+        return trial_id(self.settings, self.digest)
+
+
+# ---------------------------------------------------------------------------- grids
+def load_grid(grid: str, model: str) -> dict[str, Any]:
+    """The search space for one model: {} (seed), SEARCH_SPACES (default) or a JSON file.
+
+    A JSON grid maps model ids to {field: value or [values]}; a list is a grid axis.
+    """
+    if grid == "seed":
+        return {}
+    if grid == "default":
+        from cifar_core.models import SEARCH_SPACES
+
+        return SEARCH_SPACES[model]
+    path = Path(grid)
+    if not path.is_file():
+        raise SweepError(f"--grid {grid!r} is not 'seed', 'default' or a JSON file")
+    try:
+        spec = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise SweepError(f"--grid {grid}: not valid JSON ({error})") from error
+    unknown = sorted(set(spec) - set(ALL_MODELS))
+    if unknown:
+        raise SweepError(f"--grid {grid}: unknown model(s) {unknown}; valid: {list(ALL_MODELS)}")
+    from ray import tune
+
+    return {name: tune.grid_search(value) if isinstance(value, list) else value
+            for name, value in spec.get(model, {}).items()}
+
+
+def expand(space: dict[str, Any], num_samples: int, rng: random.Random) -> list[dict]:
+    """Explicit configs from a dict of plain values, ``tune.grid_search`` and ``tune.*`` domains.
+
+    Grid axes are crossed; sampled domains (``tune.uniform``, ``tune.choice``, ...) are drawn
+    ``num_samples`` times per grid point with a seeded generator, so the cells are known
+    (and hashable) before any trial runs.
+    """
+    from ray.tune.search.sample import Domain
+
+    grid_axes = {k: v["grid_search"] for k, v in space.items()
+                 if isinstance(v, dict) and "grid_search" in v}
+    sampled = {k: v for k, v in space.items() if isinstance(v, Domain)}
+    fixed = {k: v for k, v in space.items() if k not in grid_axes and k not in sampled}
+    configs = []
+    for values in itertools.product(*grid_axes.values()):
+        point = {**fixed, **dict(zip(grid_axes, values))}
+        repeats = num_samples if sampled else 1
+        for _ in range(repeats):
+            configs.append({**point, **{k: d.sample(random_state=rng.randrange(2**31))
+                                        for k, d in sampled.items()}})
+    return configs
+
+
+def plan_cells(options: SweepOptions, code_version: str) -> list[Cell]:
+    """Every trial of the sweep, validated. Raises SettingsError naming model, field, value."""
+    rng = random.Random(0)
+    cells: list[Cell] = []
+    for model in options.models:
+        if model not in ALL_MODELS:
+            raise SweepError(f"--models: unknown model {model!r}; valid: {list(ALL_MODELS)}")
+        base = {**options.overrides, "model": model}
+        if options.smoke_test:
+            base = {**SMOKE_SETTINGS, **SMOKE_MODEL_SETTINGS.get(model, {}), **base}
+        for point in expand(load_grid(options.grid, model), options.num_samples, rng):
+            for seed in range(options.seeds):
+                config = {**base, **point}
+                if options.seeds > 1 or "seed" not in config:
+                    config["seed"] = config.get("seed", 0) + seed
+                try:
+                    settings = Settings.from_dict(config)
+                    settings = _scale_epochs(settings, options.epochs_scale)
+                except SettingsError as error:
+                    raise SettingsError(f"model {model}: {error}") from error
+                digest = settings_hash(settings, settings.data, code_version)
+                cells.append(Cell(settings, digest))
+    unique = {cell.trial_id: cell for cell in cells}
+    return list(unique.values())
+
+
+def _scale_epochs(settings: Settings, scale: float) -> Settings:
+    if scale == 1.0:
+        return settings
+    return settings.replace(
+        num_epochs=max(1, round(settings.num_epochs * scale)),
+        fine_tune_epochs=(max(1, round(settings.fine_tune_epochs * scale))
+                          if settings.fine_tune_epochs else 0))
+
+
+def finished_trial_ids(sweep_uri: str, endpoint: str | None = None) -> set[str]:
+    """Trials whose record says they completed or were stopped by the scheduler."""
+    done = set()
+    for uri in storage.find_files(storage.join_uri(sweep_uri, TRIALS_DIR), RECORD_FILE, endpoint):
+        record = TrialRecord.from_json(storage.read_text(uri, endpoint))
+        if record.status in (COMPLETED, STOPPED_BY_SCHEDULER):
+            done.add(record.trial_id)
+    return done
+
+
+# ---------------------------------------------------------------------------- the trial
+def run_trial(config: dict, data) -> None:
+    """Tune function trainable: one cell, from its checkpoint if Tune is retrying it."""
+    from ray import tune
+
+    settings = Settings.from_dict(config["cell"]["settings"])
+    meta = config["cell"]["meta"]
+    _limit_threads()
+    from cifar_core.train import TrainState, train
+
+    workdir = Path(tempfile.mkdtemp(prefix=f"{meta['trial_id']}-"))
+    resume_from, earlier_time = None, 0.0
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:  # a retry after a crash, or a resumed sweep
+        resume_from = Path(checkpoint.to_directory(str(workdir / "resume"))) / "last"
+        earlier_time = sum(m.get("epoch_time_s", 0.0)
+                           for m in TrainState.read(resume_from).history)
+    started = time.time()
+
+    def report(metrics: dict, checkpoint_dir: str) -> None:
+        # Hand Tune the whole checkpoints/ folder (last/ and best/), so a retried trial gets
+        # its best weights back too, not only the latest.
+        folder = str(Path(checkpoint_dir).parent)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    result = train(settings, data, workdir, report=report, resume_from=resume_from)
+    trial_uri = storage.join_uri(meta["sweep_uri"], TRIALS_DIR, meta["trial_id"])
+    best_uri = storage.join_uri(trial_uri, "best")
+    storage.upload_tree(result.best_checkpoint, best_uri, meta.get("s3_endpoint"))
+    evaluation = result.evaluation or {}
+    record = TrialRecord(
+        trial_id=meta["trial_id"], sweep=meta["sweep"], kind="tune", model=settings.model,
+        settings=settings.to_dict(), settings_hash=meta["digest"], status=COMPLETED,
+        stop_reason=result.stop_reason, epochs_run=result.state.epoch,
+        best_val_accuracy=result.state.best_val_accuracy, best_epoch=result.state.best_epoch,
+        test_accuracy=evaluation.get("test_accuracy"), test_loss=evaluation.get("test_loss"),
+        wall_time_s=round(time.time() - started + earlier_time, 2), resources=meta["resources"],
+        checkpoint_uri=best_uri, data={**data.summary()}, history=result.state.history,
+        evaluation=evaluation, provenance=json.loads(
+            (result.best_checkpoint / "provenance.json").read_text()),
+        finished=_now())
+    storage.write_text(storage.join_uri(trial_uri, RECORD_FILE), record.to_json(),
+                       meta.get("s3_endpoint"))
+
+
+def _limit_threads() -> None:
+    """Keep TensorFlow to the CPUs Tune gave this trial, so packed trials don't thrash."""
+    import ray
+    import tensorflow as tf
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    if cpus:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(max(1, int(cpus)))
+            tf.config.threading.set_inter_op_parallelism_threads(max(1, int(cpus)))
+        except RuntimeError:
+            pass  # TensorFlow already initialised in this worker; its setting stands
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------------------- the driver
+def connect_ray(address: str | None = None) -> None:
+    """Join the cluster named by ``address``/``RAY_ADDRESS``, else start a private local Ray.
+
+    Never attaches by accident to another Ray running on the machine: without an address we
+    ask for ``address="local"``, which always starts a new instance.
+    """
+    import ray
+
+    from cifar_core.provenance import runtime_env_vars
+
+    if ray.is_initialized():
+        return
+    # Under ``ray job submit`` the job's runtime_env already set these; Ray merges the two and
+    # refuses conflicting values, so pass only what the workers would otherwise lack.
+    env_vars = {k: v for k, v in runtime_env_vars().items() if os.environ.get(k) != v}
+    runtime_env = {"env_vars": env_vars} if env_vars else None
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+
+
+def run_sweep(options: SweepOptions, data=None, address: str | None = None):
+    """Run (or resume) a sweep; returns its records as a pandas DataFrame leaderboard."""
+    from ray import tune
+
+    from cifar_core.data import load_cifar10
+    from cifar_core.provenance import git_commit, provenance
+
+    code_version = git_commit()
+    cells = plan_cells(options, code_version)          # validates before anything starts
+    if options.scheduler not in ("none", "asha"):
+        raise SweepError(f"--scheduler {options.scheduler!r} must be 'none' or 'asha'")
+    sweep_uri = options.sweep_uri
+    done = finished_trial_ids(sweep_uri, options.s3_endpoint)
+    todo = [cell for cell in cells if cell.trial_id not in done]
+    print(f"cifar tune: {len(cells)} cells in sweep {options.name!r}; {len(cells) - len(todo)} "
+          f"already finished in {sweep_uri}; {len(todo)} to run", flush=True)
+    storage.write_text(storage.join_uri(sweep_uri, "sweep.json"), json.dumps({
+        "options": {k: v for k, v in options.__dict__.items()}, "cells": len(cells),
+        "provenance": provenance()}, indent=1, default=str), options.s3_endpoint)
+
+    fs, path = storage.pyarrow_filesystem(options.storage, options.s3_endpoint)
+    experiment_path = f"{'s3://' if storage.is_s3(options.storage) else ''}{path}/{options.name}"
+    resuming = options.resume and tune.Tuner.can_restore(experiment_path, storage_filesystem=fs)
+    if not todo and not resuming:
+        return leaderboard(options)
+
+    connect_ray(address)
+    if data is None:
+        data_settings = cells[0].settings if cells else Settings.from_dict(options.overrides)
+        _check_one_data_source(todo or cells)
+        data = load_cifar10(data_settings)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, data=data),
+                                    lambda config: _placement(config))
+    if resuming:
+        print(f"cifar tune: resuming the interrupted sweep in {experiment_path}", flush=True)
+        tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True,
+                                   resume_errored=True, storage_filesystem=fs)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"cell": tune.grid_search([_cell_config(c, options) for c in todo])},
+            tune_config=tune.TuneConfig(
+                metric="val_accuracy", mode="max", scheduler=_scheduler(options, todo),
+                max_concurrent_trials=options.max_concurrent,
+                trial_name_creator=lambda trial: trial.config["cell"]["meta"]["trial_id"],
+                trial_dirname_creator=lambda trial: (
+                    f"{trial.config['cell']['meta']['trial_id']}_{trial.trial_id}")),
+            run_config=tune.RunConfig(
+                name=options.name, storage_path=path, storage_filesystem=fs,
+                failure_config=tune.FailureConfig(max_failures=options.max_failures),
+                checkpoint_config=tune.CheckpointConfig(
+                    num_to_keep=2, checkpoint_score_attribute="val_accuracy",
+                    checkpoint_score_order="max"),
+                verbose=1))
+    results = tuner.fit()
+    record_unfinished(results, options)
+    return leaderboard(options)
+
+
+def _check_one_data_source(cells: list[Cell]) -> None:
+    """The data set is loaded once per sweep: every cell must name the same data and limit."""
+    sources = {(c.settings.data, c.settings.limit, c.settings.seed,
+                c.settings.validation_fraction) for c in cells}
+    if len(sources) > 1:
+        raise SweepError("all trials of one sweep must share data, limit, seed and "
+                         f"validation_fraction (the data set is loaded once); got {sources}")
+
+
+def _cell_config(cell: Cell, options: SweepOptions) -> dict:
+    return {"settings": cell.settings.to_dict(),
+            "meta": {"trial_id": cell.trial_id, "digest": cell.digest, "sweep": options.name,
+                     "sweep_uri": options.sweep_uri, "s3_endpoint": options.s3_endpoint,
+                     "resources": options.trial_resources(cell.settings.model)}}
+
+
+def _placement(config: dict):
+    from ray import tune
+
+    resources = {k: v for k, v in config["cell"]["meta"]["resources"].items() if v}
+    return tune.PlacementGroupFactory([resources])
+
+
+def _scheduler(options: SweepOptions, cells: list[Cell]):
+    if options.scheduler != "asha":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    max_epochs = max(c.settings.total_epochs for c in cells)
+    # Judge trials by epochs done (not by report count): a resumed trial keeps its epoch number.
+    return ASHAScheduler(time_attr="epoch", max_t=max_epochs, grace_period=1,
+                         reduction_factor=3)
+
+
+def record_unfinished(results, options: SweepOptions) -> None:
+    """Write records for trials that did not write their own: scheduler-stopped or errored."""
+    for result in results:
+        meta = result.config["cell"]["meta"]
+        trial_uri = storage.join_uri(options.sweep_uri, TRIALS_DIR, meta["trial_id"])
+        record_uri = storage.join_uri(trial_uri, RECORD_FILE)
+        if storage.exists(record_uri, options.s3_endpoint):
+            existing = TrialRecord.from_json(storage.read_text(record_uri, options.s3_endpoint))
+            if existing.status == COMPLETED:
+                continue
+        settings = Settings.from_dict(result.config["cell"]["settings"])
+        history = _history(result)
+        errored = result.error is not None
+        checkpoint_uri = None
+        if result.checkpoint is not None:
+            checkpoint_uri = ("s3://" if storage.is_s3(options.storage) else "") + \
+                result.checkpoint.path
+        best = max(history, key=lambda m: m.get("val_accuracy", -math.inf), default={})
+        record = TrialRecord(
+            trial_id=meta["trial_id"], sweep=meta["sweep"], kind="tune", model=settings.model,
+            settings=settings.to_dict(), settings_hash=meta["digest"],
+            status=ERRORED if errored else STOPPED_BY_SCHEDULER,
+            stop_reason="error" if errored else "stopped_by_scheduler",
+            epochs_run=int(history[-1]["epoch"]) if history else 0,
+            best_val_accuracy=best.get("val_accuracy"), best_epoch=best.get("epoch"),
+            wall_time_s=round(sum(m.get("epoch_time_s", 0.0) for m in history), 2),
+            resources=meta["resources"], checkpoint_uri=checkpoint_uri, history=history,
+            error=str(result.error)[:2000] if errored else None, finished=_now())
+        storage.write_text(record_uri, record.to_json(), options.s3_endpoint)
+
+
+def _history(result) -> list[dict]:
+    frame = result.metrics_dataframe
+    if frame is None or frame.empty:
+        return []
+    keep = ["epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate",
+            "epoch_time_s"]
+    frame = frame[[c for c in keep if c in frame.columns]].drop_duplicates("epoch", keep="last")
+    return [{k: (int(v) if k in ("epoch", "phase") else float(v)) for k, v in row.items()}
+            for row in frame.to_dict("records")]
+
+
+def read_records(sweep_uri: str, endpoint: str | None = None) -> list[TrialRecord]:
+    uris = storage.find_files(storage.join_uri(sweep_uri, TRIALS_DIR), RECORD_FILE, endpoint)
+    return [TrialRecord.from_json(storage.read_text(uri, endpoint)) for uri in uris]
+
+
+def leaderboard(options: SweepOptions):
+    """One row per trial of the sweep, best val_accuracy first (test_accuracy is never used
+    to rank)."""
+    import pandas as pd
+
+    records = read_records(options.sweep_uri, options.s3_endpoint)
+    rows = []
+    for record in records:
+        varied = {k: record.settings.get(k) for k in ("learning_rate", "batch_size",
+                                                      "dropout_rate", "seed")}
+        rows.append({"model": record.model, "trial_id": record.trial_id, **varied,
+                     "status": record.status, "stop_reason": record.stop_reason,
+                     "epochs_run": record.epochs_run,
+                     "best_val_accuracy": record.best_val_accuracy,
+                     "test_accuracy": record.test_accuracy,
+                     "wall_time_s": record.wall_time_s})
+    frame = pd.DataFrame(rows)
+    if not frame.empty:
+        frame = frame.sort_values("best_val_accuracy", ascending=False, na_position="last")
+    return frame.reset_index(drop=True)

@@ -1,0 +1,79 @@
+"""Results report of sweeps and fine-tune runs: ``cifar report`` / ``python -m jobs.report``.
+
+    cifar report --runs /data/sweeps --out results/
+    cifar report --runs s3://bucket/sweeps --out /tmp/report --publish s3://bucket/published
+    cifar report --runs runs/m1-seed --runs runs/sweeps --gpu-hour-price 1.2 --out results/
+
+Reads every ``trial.json`` below each ``--runs`` location (local or s3://; also plain
+``cifar train`` run folders) and writes into ``--out``: ``trials.parquet`` (one row per trial),
+``leaderboard.csv`` (one row per model family), ``report.md`` and a self-contained
+``report.html`` with figures. Takes seconds for hundreds of trials. ``--publish`` then uploads
+the report, every trial's metrics and each family's best checkpoint, verified by checksum, and
+writes ``manifest.json`` last (see cifar_core/publish.py). Exit code 2: no runs found or bad
+input; 1: the publish failed (re-run to complete it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import cifar_core  # noqa: F401  (selects tf_keras before anything can load TensorFlow)
+from cifar_core.report import (DEFAULT_CPU_HOUR_PRICE, DEFAULT_GPU_HOUR_PRICE, ReportError,
+                               build_report, load_records)
+from cifar_core.storage import StorageError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cifar report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", action="append", required=True, metavar="STORAGE",
+                        help="Sweep storage or run folder (local or s3://); repeatable.")
+    parser.add_argument("--out", default="results", help="Output folder (default: results).")
+    parser.add_argument("--publish", metavar="S3_URI",
+                        help="Also publish to s3://bucket/prefix (manifest.json written last).")
+    parser.add_argument("--gpu-hour-price", type=float, default=DEFAULT_GPU_HOUR_PRICE,
+                        help="USD per GPU-hour (default %(default).3f: AWS g5.xlarge on-demand, "
+                             "us-east-1, less its vCPUs).")
+    parser.add_argument("--cpu-hour-price", type=float, default=DEFAULT_CPU_HOUR_PRICE,
+                        help="USD per CPU-hour (default %(default).3f: AWS m5 on-demand per "
+                             "vCPU, us-east-1).")
+    parser.add_argument("--data-label", help="Name of the data for the report, e.g. "
+                                             "'CIFAR-10 (JPEG)' (default: from the records).")
+    parser.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: "
+                                              "AWS_ENDPOINT_URL or AWS).")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        records = load_records(args.runs, args.s3_endpoint)
+        report = build_report(records, args.out, gpu_hour_price=args.gpu_hour_price,
+                              cpu_hour_price=args.cpu_hour_price, data_label=args.data_label)
+    except (ReportError, StorageError, OSError) as error:
+        print(f"cifar report: error: {error}", file=sys.stderr)
+        return 2
+    board = report.leaderboard.dropna(subset=["test_accuracy"]) \
+        if "test_accuracy" in report.leaderboard else report.leaderboard[:0]
+    if not board.empty:
+        top = board.iloc[0]
+        print(f"cifar report: {len(records)} trials; best {top['model']} test_accuracy "
+              f"{top['test_accuracy']:.4f} (val {top['best_val_accuracy']:.4f})")
+    print(f"cifar report: wrote {', '.join(sorted(report.files))} to {args.out}")
+    if args.publish:
+        from cifar_core.publish import PublishError, publish_report
+
+        try:
+            result = publish_report(report, args.publish, endpoint=args.s3_endpoint)
+        except PublishError as error:
+            print(f"cifar report: error: {error}", file=sys.stderr)
+            return 1
+        print(f"cifar report: published {len(result.manifest['objects'])} objects "
+              f"({len(result.uploaded)} sent, {len(result.already_present)} already there) "
+              f"and {args.publish.rstrip('/')}/manifest.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

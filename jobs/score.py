@@ -1,0 +1,121 @@
+"""Batch scoring on Ray Data: ``cifar score SRC --model MODEL --out OUT`` / ``python -m jobs.score``.
+
+    cifar score test_images/ --model results/runs/m4 --out scores.csv
+    cifar score /data/photos --model results/runs/m7/checkpoints/best --out scores.parquet
+    cifar score s3://bucket/photos --model s3://bucket/sweeps/m7-grid \\
+        --out s3://bucket/scores/photos.parquet --concurrency 4 --gpus-per-actor 1
+    cifar score test_images/ --model results/runs/m1 --out /tmp/smoke.csv --smoke-test
+
+SRC: a folder or s3://bucket/prefix, read recursively; every file gets one output row.
+MODEL: a checkpoint folder (model.keras + settings.json), a run folder (its checkpoints/best) or
+a sweep folder (the completed trial with the highest best_val_accuracy), local or s3://.
+Images are prepared exactly as in training (32x32 RGB, then the checkpoint's input size).
+
+OUT (.csv or .parquet; ``--format both`` writes both) has one row per file: path, [label],
+predicted_class, confidence, top2_class, top2_confidence, top3_class, top3_confidence, status
+(ok/error), error. ``label`` appears when files sit in CIFAR-10 class folders or are named
+``<class>_*``; then OUT's ``.summary.json`` also holds accuracy and the confusion matrix. A
+re-run replaces OUT (never appends). Without ``--address``/``RAY_ADDRESS`` the job starts its
+own local Ray. ``--smoke-test``: first 200 files, batches of 64, local Ray.
+
+Exit codes:
+  0  every file scored, or the share of error rows is at most --max-error-rate
+  2  nothing scored: bad arguments, missing or empty SRC, OUT inside SRC, model missing,
+     unreadable or refused (needs code: safe_mode=False is never used)
+  3  output written, but more than --max-error-rate of the files are error rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import cifar_core  # noqa: F401  (selects tf_keras before TensorFlow loads)
+from cifar_core.scoring import (DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, ScoreOptions,
+                                ScoringError, formats_for)
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_ERROR_RATE = 0, 2, 3
+SMOKE = {"limit": 200, "batch_size": 64}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cifar score", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src", metavar="SRC", help="Folder or s3://bucket/prefix of images.")
+    parser.add_argument("--model", required=True, help="Checkpoint, run or sweep folder.")
+    parser.add_argument("--out", required=True, help="Output file (.csv or .parquet).")
+    parser.add_argument("--format", choices=("csv", "parquet", "both"),
+                        help="Output format(s); default: OUT's suffix.")
+    parser.add_argument("--batch-size", type=int, default=256, help="Images per model call.")
+    parser.add_argument("--concurrency", type=int, default=1,
+                        help="Predictor actors; each loads the model once.")
+    parser.add_argument("--gpus-per-actor", type=float, default=0.0)
+    parser.add_argument("--cpus-per-actor", type=float, default=1.0,
+                        help="Logical CPUs Ray reserves per predictor actor.")
+    parser.add_argument("--model-threads", type=int, default=0,
+                        help="TensorFlow threads per actor (0: all cores of the machine).")
+    parser.add_argument("--max-error-rate", type=float, default=0.01,
+                        help="Exit 3 when more than this fraction of files fail (default 0.01).")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="Refuse images whose header declares more pixels (not decoded).")
+    parser.add_argument("--max-file-bytes", type=int, default=DEFAULT_MAX_FILE_BYTES,
+                        help="Refuse larger files without reading them.")
+    parser.add_argument("--limit", type=int, help="Score only the first N files (by path).")
+    parser.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a "
+                                          "new local Ray).")
+    parser.add_argument("--s3-endpoint", help="S3-compatible endpoint (else AWS_ENDPOINT_URL).")
+    parser.add_argument("--quiet", action="store_true", help="No progress lines.")
+    parser.add_argument("--smoke-test", action="store_true",
+                        help="First 200 files, batches of 64, local Ray.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.smoke_test:
+        args.limit = args.limit or SMOKE["limit"]
+        args.batch_size = SMOKE["batch_size"]
+        args.address = "local"
+    if not 0 <= args.max_error_rate <= 1:
+        print(f"cifar score: error: --max-error-rate={args.max_error_rate} must be in [0, 1]",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.s3_endpoint:
+        os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint  # Ray workers inherit it below
+    from cifar_core.scoring import score, start_ray
+    from cifar_core.storage import StorageError
+
+    try:
+        options = ScoreOptions(
+            batch_size=args.batch_size, concurrency=args.concurrency,
+            gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
+            model_threads=args.model_threads, max_pixels=args.max_pixels,
+            max_file_bytes=args.max_file_bytes, limit=args.limit,
+            formats=formats_for(args.out, args.format),
+            progress_interval_s=0 if args.quiet else 5.0, endpoint=args.s3_endpoint)
+        started = start_ray(args.address)
+        try:
+            summary = score(args.src, args.model, args.out, options,
+                            log=lambda text: print(text, file=sys.stderr, flush=True))
+        finally:
+            if started:
+                import ray
+
+                ray.shutdown()
+    except (ScoringError, StorageError) as error:
+        print(f"cifar score: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"cifar score: {summary.line()}", flush=True)
+    if summary.labels and summary.labels.get("accuracy") is not None:
+        print(f"cifar score: accuracy {summary.labels['accuracy']:.4f} on "
+              f"{summary.labels['scored']} labelled files", flush=True)
+    if summary.error_rate > args.max_error_rate:
+        print(f"cifar score: error rate {summary.error_rate:.2%} is above --max-error-rate "
+              f"{args.max_error_rate:.2%}; kinds: {summary.errors_by_kind}", file=sys.stderr)
+        return EXIT_ERROR_RATE
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

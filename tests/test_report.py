@@ -1,0 +1,376 @@
+"""The report job: results table, leaderboard, Pareto view, outputs, publishing, the HTML page.
+
+Records come from real (tiny) training runs on the synthetic image folder: ``make_sweep`` runs
+``cifar_core.train.train`` and lays the results out as a sweep (``trial.json`` + ``best/``),
+exactly the layout ``cifar_core.records`` describes.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import cifar_core  # noqa: F401
+from cifar_core import storage
+from cifar_core.publish import (MANIFEST, PublishError, check_destination, object_key,
+                                publish_report, read_manifest, relative_key, safe_key_part)
+from cifar_core.records import COMPLETED, RECORD_FILE, TRIALS_DIR, TrialRecord, settings_hash
+from cifar_core.report import (DEFAULT_CPU_HOUR_PRICE, DEFAULT_GPU_HOUR_PRICE, OUTPUT_FILES,
+                               build_report, leaderboard, load_records, pareto_front,
+                               trials_table)
+from cifar_core.settings import SEED_ACCURACY, Settings
+
+# (model, settings overrides): M1 has a varied setting (learning_rate) and two seeds of one
+# configuration, so the leaderboard has a mean ± std to compute.
+SWEEP_SPECS = [("M1", {"seed": 0}), ("M1", {"seed": 1}), ("M1", {"learning_rate": 0.05}),
+               ("M2", {"seed": 0})]
+
+
+def make_sweep(storage_dir: Path, data: Path, work: Path, name: str = "sweep-a") -> Path:
+    """Train each of SWEEP_SPECS for one epoch and write them as a sweep's trial records."""
+    from cifar_core.data import load_cifar10
+    from cifar_core.provenance import git_commit, provenance
+    from cifar_core.train import train
+
+    for index, (model, overrides) in enumerate(SWEEP_SPECS):
+        settings = Settings.from_dict({"model": model, "data": str(data), "limit": 150,
+                                       "num_epochs": 1, "batch_size": 32, **overrides})
+        digest = settings_hash(settings, str(data), git_commit())
+        started = time.perf_counter()
+        result = train(settings, load_cifar10(settings), work / f"run-{index}", verbose=0)
+        folder = storage_dir / name / TRIALS_DIR / f"{model}-{digest}"
+        shutil.copytree(result.best_checkpoint, folder / "best")
+        record = TrialRecord(
+            trial_id=f"{model}-{digest}", sweep=name, kind="tune", model=model,
+            settings=settings.to_dict(), settings_hash=digest, status=COMPLETED,
+            stop_reason=result.stop_reason, epochs_run=result.state.epoch,
+            best_val_accuracy=result.state.best_val_accuracy, best_epoch=result.state.best_epoch,
+            test_accuracy=result.evaluation["test_accuracy"],
+            test_loss=result.evaluation["test_loss"],
+            wall_time_s=time.perf_counter() - started,
+            resources={"CPU": 1 + index % 2, "GPU": index % 2, "workers": 1},
+            checkpoint_uri=str(folder / "best"), data={"source": str(data)},
+            history=result.state.history, evaluation=result.evaluation,
+            provenance=provenance(), finished="2026-01-01T00:00:00+00:00")
+        (folder / RECORD_FILE).write_text(record.to_json())
+    return storage_dir
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, image_folder) -> Path:
+    root = tmp_path_factory.mktemp("report")
+    return make_sweep(root / "storage", image_folder, root / "work")
+
+
+@pytest.fixture(scope="module")
+def built(sweep, tmp_path_factory):
+    records = load_records([str(sweep)])
+    return build_report(records, tmp_path_factory.mktemp("out"))
+
+
+# ---------------------------------------------------------------------------- the table
+def test_table_has_one_row_per_trial_with_the_trials_own_values(sweep, built):
+    records = {r.trial_id: r for r in
+               (TrialRecord.from_json(Path(p).read_text())
+                for p in storage.find_files(str(sweep), RECORD_FILE))}
+    table = pd.read_parquet(built.files["trials.parquet"])
+    assert len(table) == len(records) == len(SWEEP_SPECS)
+    assert set(table["trial_id"]) == set(records)
+    for row in table.itertuples():
+        record = records[row.trial_id]
+        assert row.model == record.model and row.seed == record.settings["seed"]
+        assert row.best_val_accuracy == pytest.approx(record.best_val_accuracy)
+        assert row.best_val_accuracy == pytest.approx(
+            max(m["val_accuracy"] for m in record.history))
+        assert row.test_accuracy == pytest.approx(record.evaluation["test_accuracy"])
+        assert row.epochs_run == record.epochs_run == 1
+        assert row.stop_reason == record.stop_reason
+        assert row.checkpoint_uri == record.checkpoint_uri
+        assert row.settings_hash == record.settings_hash
+        hours = record.wall_time_s / 3600
+        assert row.cpu_hours == pytest.approx(hours * record.resources["CPU"])
+        assert row.gpu_hours == pytest.approx(hours * record.resources["GPU"])
+        assert row.cost_usd == pytest.approx(row.cpu_hours * DEFAULT_CPU_HOUR_PRICE
+                                             + row.gpu_hours * DEFAULT_GPU_HOUR_PRICE)
+    # learning_rate varied among the M1 trials; the seed never counts as "varied".
+    m1 = table[table["model"] == "M1"]
+    assert all("learning_rate=" in v and "seed" not in v for v in m1["varied"])
+    assert (table[table["model"] == "M2"]["varied"] == "").all()
+    assert set(pd.read_parquet(built.files["trials.parquet"]).columns) >= {
+        "learning_rate", "pareto", "cost_usd", "git_commit", "data_source"}
+
+
+def test_leaderboard_picks_the_best_by_validation_and_shows_the_seed(sweep, built):
+    board = pd.read_csv(built.files["leaderboard.csv"])
+    assert list(board["model"]) == sorted(board["model"], key=lambda m: -float(
+        board.set_index("model").loc[m, "best_val_accuracy"]))
+    table = built.table
+    for row in board.itertuples():
+        family = table[table["model"] == row.model]
+        # Independent oracle: configurations by mean validation accuracy, plain Python.
+        configs: dict[str, list] = {}
+        for trial in family.itertuples():
+            configs.setdefault(trial.config, []).append(trial)
+        best_config = max(configs, key=lambda c: sum(t.best_val_accuracy for t in configs[c])
+                          / len(configs[c]))
+        chosen = max(configs[best_config], key=lambda t: t.best_val_accuracy)
+        assert row.best_trial == chosen.trial_id
+        assert row.test_accuracy == pytest.approx(chosen.test_accuracy)
+        assert row.seed_notebook_accuracy == SEED_ACCURACY[row.model]
+        assert row.difference_vs_seed == pytest.approx(chosen.test_accuracy
+                                                       - SEED_ACCURACY[row.model])
+        assert row.seeds == len(configs[best_config]) and row.trials == len(family)
+    markdown = built.files["report.md"].read_text()
+    assert "| M1 |" in markdown and "0.5520" in markdown and "0.5800" in markdown
+    assert "test set was not used for selection" in markdown
+
+
+def _record(trial, model, val, test, seed=0, learning_rate=0.01, wall=3600.0, gpus=1):
+    return TrialRecord(
+        trial_id=trial, sweep="s", kind="tune", model=model,
+        settings={"model": model, "seed": seed, "learning_rate": learning_rate, "data": "d"},
+        settings_hash=trial, status=COMPLETED, stop_reason="completed", epochs_run=3,
+        best_val_accuracy=val, test_accuracy=test, wall_time_s=wall,
+        resources={"CPU": 4, "GPU": gpus, "workers": 1})
+
+
+def test_leaderboard_averages_seeds_and_never_selects_on_the_test_set():
+    records = [
+        # Config lr=0.01: seeds 0 and 1, mean val 0.69. Config lr=0.1: best single val (0.72)
+        # but mean 0.61, and the highest test accuracy of all (0.95): a selection that
+        # peeked at the test set, or took the best single trial, would pick it.
+        _record("a0", "M4", 0.70, 0.68, seed=0), _record("a1", "M4", 0.68, 0.64, seed=1),
+        _record("b0", "M4", 0.72, 0.95, seed=0, learning_rate=0.1),
+        _record("b1", "M4", 0.50, 0.49, seed=1, learning_rate=0.1),
+        _record("c0", "M1", 0.50, 0.52), _record("c1", "M1", 0.40, None),  # c1: not evaluated
+    ]
+    table = trials_table(records, gpu_hour_price=2.0, cpu_hour_price=0.5)
+    board = leaderboard(table).set_index("model")
+    assert board.loc["M4", "best_trial"] == "a0"
+    assert board.loc["M4", "seeds"] == 2
+    assert board.loc["M4", "test_accuracy_mean"] == pytest.approx(0.66)
+    assert board.loc["M4", "test_accuracy_std"] == pytest.approx(math.sqrt(0.0008))
+    assert board.loc["M4", "best_settings"] == "learning_rate=0.01"
+    assert board.loc["M1", "best_trial"] == "c0" and board.loc["M1", "evaluated"] == 1
+    assert math.isnan(board.loc["M1", "test_accuracy_std"])
+    assert board.loc["M4", "rank"] == 1
+    # 1 h on 4 CPUs + 1 GPU at $0.5 / $2 = $4 per trial; 4 trials.
+    assert board.loc["M4", "cost_usd"] == pytest.approx(16.0)
+
+
+def test_pareto_front_marks_trials_no_other_trial_beats_on_both():
+    accuracy = pd.Series([0.9, 0.8, 0.85, 0.7, 0.9, float("nan")])
+    cost = pd.Series([10.0, 1.0, 5.0, 2.0, 12.0, 0.1])
+    # 0.7@2 is beaten by 0.8@1; 0.9@12 by 0.9@10; NaN accuracy is never on the front.
+    assert list(pareto_front(accuracy, cost)) == [True, True, True, False, False, False]
+
+
+def test_train_run_folders_become_records(sweep, tmp_path):
+    work = sweep.parent / "work" / "run-3"  # a plain cifar train workdir (M2)
+    records = load_records([str(work)])
+    assert len(records) == 1 and records[0].kind == "train" and records[0].model == "M2"
+    metrics = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert records[0].best_val_accuracy == pytest.approx(max(m["val_accuracy"]
+                                                             for m in metrics))
+    assert records[0].test_accuracy == pytest.approx(
+        json.loads((work / "evaluation.json").read_text())["test_accuracy"])
+    # A sweep plus the folders of its runs: runs inside a sweep are not counted twice.
+    assert len(load_records([str(sweep)])) == len(SWEEP_SPECS)
+
+
+def test_cli_writes_every_output_and_rejects_bad_input(sweep, tmp_path, capsys):
+    from jobs.report import main
+
+    out = tmp_path / "results"
+    assert main(["--runs", str(sweep), "--out", str(out), "--gpu-hour-price", "3"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES)
+    assert "wrote" in capsys.readouterr().out
+    assert main(["--runs", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["--runs", str(empty), "--out", str(out)]) == 2
+    assert main(["--runs", str(sweep), "--out", str(out), "--cpu-hour-price", "-1"]) == 2
+    assert main(["--runs", str(sweep), "--out", str(out), "--publish", "s3://b/x/../y"]) == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_report_reads_runs_from_s3(sweep, s3_bucket, tmp_path):
+    storage.upload_dir(sweep, f"s3://{s3_bucket}/sweeps")
+    records = load_records([f"s3://{s3_bucket}/sweeps"])
+    local = load_records([str(sweep)])
+    assert sorted(r.trial_id for r in records) == sorted(r.trial_id for r in local)
+
+
+# ---------------------------------------------------------------------------- publishing
+def _recorded_client(endpoint: str, calls: list[str]):
+    """An S3 client that records every PutObject key, in the order the requests are made."""
+    client = storage.s3_client(endpoint)
+    client.meta.events.register("provide-client-params.s3.PutObject",
+                                lambda params, **_: calls.append(params["Key"]))
+    return client
+
+
+def _bucket_objects(client, bucket: str) -> dict[str, bytes]:
+    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+            for o in page.get("Contents", [])]
+    return {key: client.get_object(Bucket=bucket, Key=key)["Body"].read() for key in keys}
+
+
+def test_publish_uploads_everything_verified_and_the_manifest_last(built, s3_bucket,
+                                                                   moto_endpoint):
+    calls: list[str] = []
+    client = _recorded_client(moto_endpoint, calls)
+    destination = f"s3://{s3_bucket}/published/v1"
+    result = publish_report(built, destination, client=client)
+    assert calls[-1] == f"published/v1/{MANIFEST}" and calls.count(calls[-1]) == 1
+    stored = _bucket_objects(client, s3_bucket)
+    manifest = json.loads(stored[f"published/v1/{MANIFEST}"])
+    assert manifest == read_manifest(destination, client=client) == result.manifest
+    assert len(stored) == len(manifest["objects"]) + 1
+    for entry in manifest["objects"]:
+        body = stored[f"published/v1/{entry['key']}"]
+        assert hashlib.sha256(body).hexdigest() == entry["sha256"]
+        assert hashlib.md5(body).hexdigest() == entry["md5"] and len(body) == entry["size"]
+    paths = {e["path"]: e for e in manifest["objects"]}
+    for name, path in built.files.items():  # the report files, byte for byte
+        assert paths[f"report/{name}"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert sum(p.startswith("metrics/") for p in paths) == len(built.records)
+    for model, best in manifest["best_checkpoints"].items():  # each family's best checkpoint
+        record = built.best_records()[model]
+        local = Path(record.checkpoint_uri) / "model.keras"
+        assert paths[f"{best['checkpoint']}/model.keras"]["sha256"] == hashlib.sha256(
+            local.read_bytes()).hexdigest()
+    assert set(manifest["best_checkpoints"]) == {"M1", "M2"}
+
+    # Idempotent: a re-run sends nothing and leaves the same keys and bytes.
+    calls.clear()
+    again = publish_report(built, destination, client=client)
+    assert calls == [] and again.uploaded == [] and again.publish_id == result.publish_id
+    assert _bucket_objects(client, s3_bucket) == stored
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_publish_cut_mid_way_leaves_the_previous_manifest_and_a_rerun_completes(
+        built, sweep, tmp_path):
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        client = storage.s3_client(endpoint)
+        client.create_bucket(Bucket="cut-bucket")
+        destination = "s3://cut-bucket/pub"
+        first = publish_report(built, destination, client=client)
+
+        # A second, different report (other prices): its publish is cut after 3 objects.
+        second_report = build_report(load_records([str(sweep)]), tmp_path / "second",
+                                     gpu_hour_price=9.0)
+
+        def stop_after_three(index: int, key: str) -> None:
+            if index == 2:
+                server.stop()
+
+        started = time.monotonic()
+        with pytest.raises(PublishError, match="after 3 of"):
+            publish_report(second_report, destination, client=client,
+                           on_object=stop_after_three)
+        assert time.monotonic() - started < 120  # retries are bounded
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+        server.start()
+        # Readers still see the first publish, whole.
+        manifest = read_manifest(destination, client=client)
+        assert manifest["publish_id"] == first.publish_id
+        stored = _bucket_objects(client, "cut-bucket")
+        for entry in manifest["objects"]:
+            assert hashlib.sha256(stored[f"pub/{entry['key']}"]).hexdigest() == entry["sha256"]
+        partial = [k for k in stored if not k.startswith(f"pub/{manifest['base']}/")
+                   and k != f"pub/{MANIFEST}"]
+        assert len(partial) == 3  # the cut publish's objects, not named by any manifest
+
+        second = publish_report(second_report, destination, client=client)
+        assert len(second.already_present) == 3  # the re-run completes what was missing
+        assert read_manifest(destination, client=client)["publish_id"] == second.publish_id
+        assert second.publish_id != first.publish_id
+    finally:
+        server.stop()
+
+
+def test_run_names_cannot_escape_the_prefix(built, s3_bucket, moto_endpoint, tmp_path):
+    for name in ("../../x", "..", ".", "", "a/b", "/abs", "x\\..\\y", "ok-name_1.2"):
+        part = safe_key_part(name)
+        assert "/" not in part and part not in ("", ".", "..")
+        assert not part.startswith(".")
+    assert safe_key_part("ok-name_1.2") == "ok-name_1.2"
+    assert safe_key_part("a/b") != safe_key_part("a_b")  # sanitising never merges names
+    with pytest.raises(PublishError):
+        object_key("pre/fix", "../../x")
+    with pytest.raises(PublishError):
+        check_destination("s3://bucket/a/../b")
+    assert relative_key("metrics", "../../x", "y") == f"metrics/{safe_key_part('../../x')}/y"
+
+    # Every name a key is built from (sweep, trial id, model) set to "../../x".
+    evil = copy.deepcopy(built)
+    for record in evil.records:
+        record.sweep = "../../x"
+    model, record = sorted(evil.best_records().items())[0]
+    row = evil.leaderboard["model"] == model
+    record.trial_id = record.model = "../../x"
+    evil.leaderboard.loc[row, ["best_trial", "model"]] = "../../x"
+    assert "../../x" in evil.best_records()
+    client = storage.s3_client(moto_endpoint)
+    publish_report(evil, f"s3://{s3_bucket}/safe/prefix", client=client)
+    keys = list(_bucket_objects(client, s3_bucket))
+    assert keys and all(k.startswith("safe/prefix/") for k in keys)
+    assert all(".." not in k.split("/") for k in keys)
+
+
+# ---------------------------------------------------------------------------- the page
+def test_report_html_renders_in_headless_chromium(built, tmp_path):
+    from PIL import Image
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (CI must install Debian's chromium)")
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    page = built.files["report.html"].resolve().as_uri()
+    common = [browser, "--headless", "--no-sandbox", "--disable-gpu",
+              "--disable-background-networking", "--disable-component-update",
+              "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}"]
+    shot = tmp_path / "report.png"
+    subprocess.run(common + [f"--screenshot={shot}", "--window-size=1280,3000", page],
+                   check=True, capture_output=True, timeout=120)
+    dom = subprocess.run(common + ["--dump-dom", page], check=True, capture_output=True,
+                         text=True, timeout=120).stdout
+    image = Image.open(shot).convert("RGB")
+    assert image.size == (1280, 3000)
+    pixels = list(image.getdata())
+    non_white = sum(1 for p in pixels if min(p) < 235) / len(pixels)
+    assert non_white > 0.03, "the screenshot is (almost) blank"
+    # The figures' bars (#3b75af) are the only saturated blue on the page: the PNGs rendered.
+    blue = sum(1 for r, g, b in pixels if b > 150 and b - r > 90 and b - g > 40)
+    assert blue > 2000, "no figure pixels in the screenshot"
+    leaderboard_html = dom.split('id="leaderboard"', 1)[1].split("</table>", 1)[0]
+    for _, row in built.leaderboard.iterrows():
+        assert f"<td>{row['model']}</td>" in leaderboard_html
+        assert row["best_trial"] in leaderboard_html
+    assert dom.count("data:image/png;base64,") == 4
