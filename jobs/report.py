@@ -48,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.publish:  # a bad destination is bad input: say so before any work
+            from cifar_core.publish import PublishError, check_destination
+
+            try:
+                check_destination(args.publish)
+            except (PublishError, StorageError) as error:
+                raise ReportError(str(error)) from error
         records = load_records(args.runs, args.s3_endpoint)
         report = build_report(records, args.out, gpu_hour_price=args.gpu_hour_price,
                               cpu_hour_price=args.cpu_hour_price, data_label=args.data_label)
