@@ -37,8 +37,7 @@ import numpy as np
 import pandas as pd
 
 from cifar_core import storage
-from cifar_core.records import (COMPLETED, ERRORED, RECORD_FILE, TRIALS_DIR, TrialRecord,
-                                settings_hash, trial_id)
+from cifar_core.records import COMPLETED, RECORD_FILE, TrialRecord, settings_hash, trial_id
 from cifar_core.settings import CLASS_NAMES, SEED_ACCURACY, Settings
 
 # ---------------------------------------------------------------------------- prices
@@ -340,7 +339,7 @@ def report_context(records: Sequence[TrialRecord], gpu_hour_price: float,
         if machine:
             gpus = machine.get("gpus") or []
             hardware.add(f"{machine.get('cpus', '?')} CPUs ({machine.get('cpu_model', '?')}), "
-                         f"{len(gpus)} GPU(s){': ' + ', '.join(gpus) if gpus else ''}")
+                         + (f"{len(gpus)} GPU(s): {', '.join(gpus)}" if gpus else "no GPU"))
         commits.add(str((record.provenance or {}).get("git_commit", "unknown")))
     notes = []
     if any(c.endswith("-dirty") for c in commits):
@@ -469,8 +468,9 @@ def figure_accuracy_vs_cost(table: pd.DataFrame) -> bytes:
             axis.scatter(group[column], group["best_val_accuracy"], s=18, alpha=0.7,
                          label=model)
         front = table[table["pareto"]].sort_values("cost_usd")
-        axis.plot(front[column], front["best_val_accuracy"], color="black", linewidth=1,
-                  drawstyle="steps-post" if column == "cost_usd" else "default")
+        if column == "cost_usd":  # the front is a staircase in the dollars it is defined on
+            axis.plot(front[column], front["best_val_accuracy"], color="black", linewidth=1,
+                      drawstyle="steps-post")
         axis.scatter(front[column], front["best_val_accuracy"], s=60, facecolors="none",
                      edgecolors="black", label="Pareto front")
         axis.set_xlabel(label + ("" if use_gpu or column == "cost_usd" else
@@ -646,7 +646,7 @@ def render_html(table: pd.DataFrame, board: pd.DataFrame, context: ReportContext
         leaderboard_display(board).to_html(index=False, table_id="leaderboard", border=0),
         "<p class='note'>test_accuracy: the family's best configuration's best trial, both "
         "chosen by validation accuracy; mean ± std over that configuration's seeds.</p>",
-        f"<h2>Test accuracy per model vs the seed notebook</h2>",
+        "<h2>Test accuracy per model vs the seed notebook</h2>",
         image("accuracy_vs_seed", f"Test accuracy per model vs the seed notebook ({data_label})"),
         "<h2>Learning curves of each model's best trial</h2>",
         image("learning_curves", f"Learning curves ({data_label})"),

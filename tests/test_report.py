@@ -1,8 +1,8 @@
 """The report job: results table, leaderboard, Pareto view, outputs, publishing, the HTML page.
 
-Records come from real (tiny) training runs on the synthetic image folder: ``make_sweep`` runs
-``cifar_core.train.train`` and lays the results out as a sweep (``trial.json`` + ``best/``),
-exactly the layout ``cifar_core.records`` describes.
+The sweep under test is made by the tuning job's own smoke mode (``python -m jobs.tune
+--smoke-test``: local Ray, 300 synthetic images, one epoch): M1 at two learning rates and M2.
+Seeds and GPU costs, which a CPU smoke sweep cannot vary, are checked on hand-written records.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,52 +26,31 @@ import cifar_core  # noqa: F401
 from cifar_core import storage
 from cifar_core.publish import (MANIFEST, PublishError, check_destination, object_key,
                                 publish_report, read_manifest, relative_key, safe_key_part)
-from cifar_core.records import COMPLETED, RECORD_FILE, TRIALS_DIR, TrialRecord, settings_hash
+from cifar_core.records import COMPLETED, RECORD_FILE, TrialRecord
 from cifar_core.report import (DEFAULT_CPU_HOUR_PRICE, DEFAULT_GPU_HOUR_PRICE, OUTPUT_FILES,
                                build_report, leaderboard, load_records, pareto_front,
                                trials_table)
 from cifar_core.settings import SEED_ACCURACY, Settings
 
-# (model, settings overrides): M1 has a varied setting (learning_rate) and two seeds of one
-# configuration, so the leaderboard has a mean ± std to compute.
-SWEEP_SPECS = [("M1", {"seed": 0}), ("M1", {"seed": 1}), ("M1", {"learning_rate": 0.05}),
-               ("M2", {"seed": 0})]
-
-
-def make_sweep(storage_dir: Path, data: Path, work: Path, name: str = "sweep-a") -> Path:
-    """Train each of SWEEP_SPECS for one epoch and write them as a sweep's trial records."""
-    from cifar_core.data import load_cifar10
-    from cifar_core.provenance import git_commit, provenance
-    from cifar_core.train import train
-
-    for index, (model, overrides) in enumerate(SWEEP_SPECS):
-        settings = Settings.from_dict({"model": model, "data": str(data), "limit": 150,
-                                       "num_epochs": 1, "batch_size": 32, **overrides})
-        digest = settings_hash(settings, str(data), git_commit())
-        started = time.perf_counter()
-        result = train(settings, load_cifar10(settings), work / f"run-{index}", verbose=0)
-        folder = storage_dir / name / TRIALS_DIR / f"{model}-{digest}"
-        shutil.copytree(result.best_checkpoint, folder / "best")
-        record = TrialRecord(
-            trial_id=f"{model}-{digest}", sweep=name, kind="tune", model=model,
-            settings=settings.to_dict(), settings_hash=digest, status=COMPLETED,
-            stop_reason=result.stop_reason, epochs_run=result.state.epoch,
-            best_val_accuracy=result.state.best_val_accuracy, best_epoch=result.state.best_epoch,
-            test_accuracy=result.evaluation["test_accuracy"],
-            test_loss=result.evaluation["test_loss"],
-            wall_time_s=time.perf_counter() - started,
-            resources={"CPU": 1 + index % 2, "GPU": index % 2, "workers": 1},
-            checkpoint_uri=str(folder / "best"), data={"source": str(data)},
-            history=result.state.history, evaluation=result.evaluation,
-            provenance=provenance(), finished="2026-01-01T00:00:00+00:00")
-        (folder / RECORD_FILE).write_text(record.to_json())
-    return storage_dir
+REPO = Path(__file__).resolve().parent.parent
+#: The smoke sweep's grid: a varied setting for M1, seed defaults for M2 (3 trials).
+SMOKE_GRID = {"M1": {"learning_rate": [0.01, 0.05]}}
+SMOKE_TRIALS = 3
 
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, image_folder) -> Path:
-    root = tmp_path_factory.mktemp("report")
-    return make_sweep(root / "storage", image_folder, root / "work")
+    """STORAGE of a sweep made by ``python -m jobs.tune --smoke-test`` (about 1-2 min)."""
+    root = tmp_path_factory.mktemp("tune")
+    grid = root / "grid.json"
+    grid.write_text(json.dumps(SMOKE_GRID))
+    command = [sys.executable, "-m", "jobs.tune", "--smoke-test", "--models", "M1,M2",
+               "--grid", str(grid), "--storage", str(root / "storage"), "--name", "smoke",
+               "--data", str(image_folder)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "CIFAR_FLEET_CACHE": str(root / "cache")})
+    assert done.returncode == 0, f"tune smoke failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return root / "storage"
 
 
 @pytest.fixture(scope="module")
@@ -80,24 +60,32 @@ def built(sweep, tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------- the table
+@pytest.mark.slow  # builds on the tune smoke sweep (1-2 min, once per module)
 def test_table_has_one_row_per_trial_with_the_trials_own_values(sweep, built):
     records = {r.trial_id: r for r in
                (TrialRecord.from_json(Path(p).read_text())
                 for p in storage.find_files(str(sweep), RECORD_FILE))}
+    # What Ray Tune itself recorded for each trial (its own result.json), keyed by trial id.
+    tune_results = {}
+    for path in (sweep / "smoke").glob("*/result.json"):
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        tune_results[path.parent.name.rsplit("_", 2)[0]] = lines
     table = pd.read_parquet(built.files["trials.parquet"])
-    assert len(table) == len(records) == len(SWEEP_SPECS)
-    assert set(table["trial_id"]) == set(records)
+    assert len(table) == len(records) == len(tune_results) == SMOKE_TRIALS
+    assert set(table["trial_id"]) == set(records) == set(tune_results)
     for row in table.itertuples():
         record = records[row.trial_id]
         assert row.model == record.model and row.seed == record.settings["seed"]
         assert row.best_val_accuracy == pytest.approx(record.best_val_accuracy)
         assert row.best_val_accuracy == pytest.approx(
-            max(m["val_accuracy"] for m in record.history))
+            max(r["val_accuracy"] for r in tune_results[row.trial_id]))
         assert row.test_accuracy == pytest.approx(record.evaluation["test_accuracy"])
-        assert row.epochs_run == record.epochs_run == 1
-        assert row.stop_reason == record.stop_reason
+        assert row.epochs_run == record.epochs_run == len(tune_results[row.trial_id]) == 1
+        assert row.stop_reason == record.stop_reason == "completed"
         assert row.checkpoint_uri == record.checkpoint_uri
+        assert Path(row.checkpoint_uri, "model.keras").is_file()
         assert row.settings_hash == record.settings_hash
+        assert row.wall_time_s == pytest.approx(record.wall_time_s)
         hours = record.wall_time_s / 3600
         assert row.cpu_hours == pytest.approx(hours * record.resources["CPU"])
         assert row.gpu_hours == pytest.approx(hours * record.resources["GPU"])
@@ -111,6 +99,7 @@ def test_table_has_one_row_per_trial_with_the_trials_own_values(sweep, built):
         "learning_rate", "pareto", "cost_usd", "git_commit", "data_source"}
 
 
+@pytest.mark.slow  # builds on the tune smoke sweep (1-2 min, once per module)
 def test_leaderboard_picks_the_best_by_validation_and_shows_the_seed(sweep, built):
     board = pd.read_csv(built.files["leaderboard.csv"])
     assert list(board["model"]) == sorted(board["model"], key=lambda m: -float(
@@ -176,19 +165,35 @@ def test_pareto_front_marks_trials_no_other_trial_beats_on_both():
     assert list(pareto_front(accuracy, cost)) == [True, True, True, False, False, False]
 
 
-def test_train_run_folders_become_records(sweep, tmp_path):
-    work = sweep.parent / "work" / "run-3"  # a plain cifar train workdir (M2)
+@pytest.mark.slow  # builds on the tune smoke sweep (1-2 min, once per module)
+def test_train_run_folders_become_records(sweep, image_folder, tmp_path):
+    from cifar_core.data import load_cifar10
+    from cifar_core.train import train
+
+    runs = tmp_path / "runs"
+    shutil.copytree(sweep, runs)
+    settings = Settings.from_dict({"model": "M1", "data": str(image_folder), "limit": 150,
+                                   "num_epochs": 2, "batch_size": 32})
+    work = runs / "m1-run"  # a plain `cifar train` run folder beside the sweep
+    train(settings, load_cifar10(settings), work, verbose=0)
     records = load_records([str(work)])
-    assert len(records) == 1 and records[0].kind == "train" and records[0].model == "M2"
+    assert len(records) == 1 and records[0].kind == "train" and records[0].model == "M1"
     metrics = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert records[0].epochs_run == len(metrics) == 2
     assert records[0].best_val_accuracy == pytest.approx(max(m["val_accuracy"]
                                                              for m in metrics))
     assert records[0].test_accuracy == pytest.approx(
         json.loads((work / "evaluation.json").read_text())["test_accuracy"])
-    # A sweep plus the folders of its runs: runs inside a sweep are not counted twice.
-    assert len(load_records([str(sweep)])) == len(SWEEP_SPECS)
+    assert records[0].wall_time_s == pytest.approx(sum(m["epoch_time_s"] for m in metrics))
+    assert records[0].checkpoint_uri == str(work / "checkpoints" / "best")
+    # The sweep's trials plus the run beside it; a run folder inside a sweep (Tune's working
+    # copy of a trial) is not counted a second time.
+    assert len(load_records([str(runs)])) == SMOKE_TRIALS + 1
+    shutil.copytree(work, runs / "smoke" / "working-copy")
+    assert len(load_records([str(runs)])) == SMOKE_TRIALS + 1
 
 
+@pytest.mark.slow  # builds on the tune smoke sweep (1-2 min, once per module)
 def test_cli_writes_every_output_and_rejects_bad_input(sweep, tmp_path, capsys):
     from jobs.report import main
 
@@ -205,6 +210,7 @@ def test_cli_writes_every_output_and_rejects_bad_input(sweep, tmp_path, capsys):
     assert "error" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # builds on the tune smoke sweep (1-2 min, once per module)
 def test_report_reads_runs_from_s3(sweep, s3_bucket, tmp_path):
     storage.upload_dir(sweep, f"s3://{s3_bucket}/sweeps")
     records = load_records([f"s3://{s3_bucket}/sweeps"])
@@ -227,6 +233,7 @@ def _bucket_objects(client, bucket: str) -> dict[str, bytes]:
     return {key: client.get_object(Bucket=bucket, Key=key)["Body"].read() for key in keys}
 
 
+@pytest.mark.slow  # builds on the tune smoke sweep (1-2 min, once per module)
 def test_publish_uploads_everything_verified_and_the_manifest_last(built, s3_bucket,
                                                                    moto_endpoint):
     calls: list[str] = []
@@ -266,7 +273,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # builds on the tune smoke sweep (1-2 min, once per module)
 def test_publish_cut_mid_way_leaves_the_previous_manifest_and_a_rerun_completes(
         built, sweep, tmp_path):
     from moto.server import ThreadedMotoServer
@@ -314,7 +321,7 @@ def test_publish_cut_mid_way_leaves_the_previous_manifest_and_a_rerun_completes(
         server.stop()
 
 
-def test_run_names_cannot_escape_the_prefix(built, s3_bucket, moto_endpoint, tmp_path):
+def test_key_components_are_made_safe():
     for name in ("../../x", "..", ".", "", "a/b", "/abs", "x\\..\\y", "ok-name_1.2"):
         part = safe_key_part(name)
         assert "/" not in part and part not in ("", ".", "..")
@@ -326,6 +333,10 @@ def test_run_names_cannot_escape_the_prefix(built, s3_bucket, moto_endpoint, tmp
     with pytest.raises(PublishError):
         check_destination("s3://bucket/a/../b")
     assert relative_key("metrics", "../../x", "y") == f"metrics/{safe_key_part('../../x')}/y"
+
+
+@pytest.mark.slow  # builds on the tune smoke sweep (1-2 min, once per module)
+def test_run_names_cannot_escape_the_prefix(built, s3_bucket, moto_endpoint):
 
     # Every name a key is built from (sweep, trial id, model) set to "../../x".
     evil = copy.deepcopy(built)
@@ -344,6 +355,7 @@ def test_run_names_cannot_escape_the_prefix(built, s3_bucket, moto_endpoint, tmp
 
 
 # ---------------------------------------------------------------------------- the page
+@pytest.mark.slow  # builds on the tune smoke sweep (1-2 min, once per module)
 def test_report_html_renders_in_headless_chromium(built, tmp_path):
     from PIL import Image
 
