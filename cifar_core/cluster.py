@@ -1,22 +1,18 @@
-"""The local cluster rehearsal (fake GPU nodes on one machine) and the spot-first node choice.
+"""The local cluster rehearsal: cluster.yaml's node types with fake GPUs, on one machine.
 
     cluster/local.sh start            # or: python -m cifar_core.cluster start
-    eval "$(cluster/local.sh env)"    # RAY_ADDRESS, RAY_AUTH_MODE, RAY_AUTH_TOKEN_PATH for clients
+    eval "$(cluster/local.sh env)"    # RAY_API_SERVER_ADDRESS and the token, for `ray job ...`
     ray job submit --working-dir . -- python -m jobs.tune --smoke-test ...
-    cluster/local.sh stop             # ends exactly the processes this start began, by pid
+    cluster/local.sh stop             # ends exactly the processes `start` began, by pid
 
-``start_local_cluster`` runs ``RAY_FAKE_CLUSTER=1 ray start --head --autoscaling-config=...`` with
-``cluster.local.yaml`` (the node types of ``cluster.yaml``, with fake GPUs): the autoscaler
-starts fake worker nodes (real raylets advertising GPUs) when work asks for GPUs and removes
-them when idle, exactly as it would launch EC2 instances. The cluster gets its own ports, its
-own ``--temp-dir`` and its own token (token authentication on, as on AWS), and never touches
-another Ray on the machine: it is stopped by process group and by a marker variable every
-process it started inherits, never with ``ray stop``.
-
-``spot_first_scorer`` is the autoscaler's node-type choice for ``cluster.yaml`` (and the
-rehearsal): Ray's default utilization score, skipping node types whose last launch failed (no
-spot capacity, for one) and, between equally good types, preferring ``*-spot`` types. That is
-what makes the ``gpu1-ondemand`` type a fallback rather than a coin flip.
+``start_local_cluster`` runs ``RAY_FAKE_CLUSTER=1 ray start --head --autoscaling-config=...``
+with ``cluster.local.yaml``: the autoscaler (v2, as ``ray up`` runs it) starts fake worker
+nodes (real raylets advertising GPUs) when work asks for GPUs and removes them when idle, as it
+would launch and terminate EC2 instances. The cluster gets its own ports, its own
+``--temp-dir`` and its own token (token authentication on, as on AWS), so it never meets
+another Ray on the machine. It is stopped by process group, plus a marker variable that every
+process it started inherits (job drivers run in sessions of their own), never by ``ray stop``.
+Linux only (process lookup reads /proc).
 """
 
 from __future__ import annotations
@@ -40,9 +36,6 @@ from pathlib import Path
 #: job drivers in sessions of their own).
 MARKER_VARIABLE = "CIFAR_FLEET_REHEARSAL"
 STATE_FILE = "rehearsal.json"
-#: Node types whose name ends like this run on spot instances (see cluster.yaml).
-SPOT_SUFFIX = "-spot"
-SCORER = "cifar_core.cluster.spot_first_scorer"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -135,7 +128,11 @@ def start_local_cluster(config: str | os.PathLike = REPO_ROOT / "cluster.local.y
         "RAY_FAKE_CLUSTER": "1",
         "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path),
         MARKER_VARIABLE: str(temp_dir),
-        "RAY_AUTOSCALER_UTILIZATION_SCORER": SCORER,
+        # The autoscaler `ray up` runs since Ray 2.50 (v2: node-type priorities, fallback
+        # when a type cannot be launched), started the way `ray up` starts it on the head.
+        "RAY_enable_autoscaler_v2": "1",
+        "RAY_CLOUD_INSTANCE_ID": settings["provider"]["head_node_id"],
+        "RAY_NODE_TYPE_NAME": settings["head_node_type"],
         "AUTOSCALER_UPDATE_INTERVAL_S": "1",  # react in seconds, not the default 5 s
         # The autoscaler's metrics server takes a fixed port (44217) unless told otherwise.
         "AUTOSCALER_METRIC_PORT": str(_free_port()),
@@ -226,27 +223,6 @@ def stop_local_cluster(cluster: LocalCluster | str | os.PathLike,
     if left:
         raise ClusterError(f"rehearsal cluster {cluster.temp_dir}: pids {left} survived SIGKILL")
     return stopped
-
-
-# ---------------------------------------------------------------------------- node-type choice
-def spot_first_scorer(node_resources, resources, node_type, *, node_availability_summary):
-    """Ray's utilization score, minus node types that just failed to launch, spot first.
-
-    Set through ``RAY_AUTOSCALER_UTILIZATION_SCORER=cifar_core.cluster.spot_first_scorer`` on
-    the head. The autoscaler records a failed launch (e.g. InsufficientInstanceCapacity for a
-    spot request) as "unavailable" for AUTOSCALER_NODE_AVAILABILITY_MAX_STALENESS_S (30 min);
-    Ray's default scorer ignores that record and would retry the same spot type forever.
-    """
-    from ray.autoscaler._private.resource_demand_scheduler import _default_utilization_scorer
-
-    record = node_availability_summary.node_availabilities.get(node_type)
-    if record is not None and not record.is_available:
-        return None
-    score = _default_utilization_scorer(node_resources, resources, node_type,
-                                        node_availability_summary=node_availability_summary)
-    if score is None:
-        return None
-    return (*score, node_type.endswith(SPOT_SUFFIX))
 
 
 # ---------------------------------------------------------------------------- command line

@@ -1,0 +1,370 @@
+"""The cluster: cluster.yaml / cluster.local.yaml checked offline, then rehearsed end to end.
+
+Offline (seconds): Ray's own validation (``prepare_config`` + ``validate_config``) of both
+files; a security lint of the AWS config (head on demand, GPUs on every worker, nothing open to
+the world but SSH, token auth on, no secrets) and of the IAM policies in ``cluster/``; Ray's
+own AWS bootstrap of cluster.yaml against a moto EC2, to see the security group Ray really
+creates from it.
+
+End to end (slow, about 2-3 min): the fake-GPU rehearsal cluster of cluster.local.yaml and a
+moto S3 on 127.0.0.1; the tune job's smoke sweep submitted through Ray's job-submission API
+with the working tree as ``working_dir``; the autoscaler must add a fake GPU node, the trial's
+record must land in the bucket, then the report job must read it back from the bucket. Every
+process the rehearsal started is stopped by pid, whatever happens.
+"""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+import json
+import re
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cifar_core import cluster as local_cluster
+from tests.conftest import write_image_folder
+
+REPO = Path(__file__).resolve().parent.parent
+CLUSTER_YAML = REPO / "cluster.yaml"
+LOCAL_YAML = REPO / "cluster.local.yaml"
+NODE_POLICY = REPO / "cluster" / "iam-policy.json"
+HEAD_POLICY = REPO / "cluster" / "iam-head-policy.json"
+TRUST_POLICY = REPO / "cluster" / "ec2-trust-policy.json"
+#: Ray's GCS, dashboard/job API and Ray-client ports: never reachable from outside the cluster.
+CLUSTER_PORTS = (6379, 8265, 10001)
+#: GPUs of the instance types a worker may use (AWS: g5.xlarge 1x A10G, g5.12xlarge 4x A10G).
+GPU_INSTANCES = {"g5.xlarge": 1, "g5.12xlarge": 4}
+#: The results location cluster/iam-policy.json is written for (README: replace the bucket).
+RESULTS_BUCKET, RESULTS_PREFIX = "cifar-fleet-results", "cifar-fleet"
+#: Kept out of the job's working_dir upload (besides .gitignore'd files): git history, CI's
+#: unpacked data and venv.
+WORKING_DIR_EXCLUDES = [".git", ".data", ".venv", "results/runs", "runs"]
+
+
+def load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def worker_types(config: dict) -> dict[str, dict]:
+    return {name: node for name, node in config["available_node_types"].items()
+            if name != config["head_node_type"]}
+
+
+def is_spot(node_type: dict) -> bool:
+    market = node_type["node_config"].get("InstanceMarketOptions") or {}
+    return market.get("MarketType") == "spot"
+
+
+# ---------------------------------------------------------------------------- Ray's validation
+@pytest.mark.parametrize("path", [CLUSTER_YAML, LOCAL_YAML], ids=lambda p: p.name)
+def test_ray_validates_the_config(path):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = load(path)
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)  # raises jsonschema.ValidationError naming the bad key
+    assert set(prepared["available_node_types"]) == set(config["available_node_types"])
+
+
+def test_the_rehearsal_has_the_same_node_types():
+    aws, local = load(CLUSTER_YAML), load(LOCAL_YAML)
+    assert aws["head_node_type"] == local["head_node_type"] == "ray.head.default"
+    assert set(aws["available_node_types"]) == set(local["available_node_types"])
+    for name, node in aws["available_node_types"].items():
+        fake = local["available_node_types"][name]
+        for resource in ("CPU", "GPU"):
+            assert node["resources"].get(resource, 0) == fake["resources"].get(resource, 0), \
+                f"{name}: {resource} differs between cluster.yaml and cluster.local.yaml"
+        assert node.get("priority", 0) == fake.get("priority", 0), f"{name}: priority differs"
+    for name in worker_types(aws):
+        assert worker_types(local)[name].get("min_workers", 0) == 0, f"{name}: scale from zero"
+
+
+# ---------------------------------------------------------------------------- the AWS config
+def test_head_is_on_demand_and_every_worker_has_gpus():
+    config = load(CLUSTER_YAML)
+    head = config["available_node_types"][config["head_node_type"]]
+    assert not is_spot(head), "the head must not be spot: losing it loses the cluster"
+    assert head["node_config"]["InstanceType"] == "m5.2xlarge"
+    workers = worker_types(config)
+    assert workers
+    for name, node in workers.items():
+        instance = node["node_config"]["InstanceType"]
+        assert instance in GPU_INSTANCES, f"{name}: {instance} is not a GPU instance type"
+        gpus = node["resources"].get("GPU", 0)
+        assert gpus == GPU_INSTANCES[instance], \
+            f"{name}: advertises {gpus} GPUs, {instance} has {GPU_INSTANCES[instance]}"
+        assert node.get("min_workers", 0) == 0, f"{name}: must scale from zero"
+    assert config["idle_timeout_minutes"] > 0
+
+
+def test_spot_workers_have_an_on_demand_fallback_of_lower_priority():
+    workers = worker_types(load(CLUSTER_YAML))
+    spot = {n: w for n, w in workers.items() if is_spot(w)}
+    on_demand = {n: w for n, w in workers.items() if not is_spot(w)}
+    assert spot and on_demand
+    for name, fallback in on_demand.items():
+        same_shape = [s for s in spot.values()
+                      if s["node_config"]["InstanceType"] == fallback["node_config"]["InstanceType"]]
+        assert same_shape, f"{name}: no spot type of the same instance type to fall back from"
+        assert all(s.get("priority", 0) > fallback.get("priority", 0) for s in same_shape), \
+            f"{name}: the on-demand fallback must rank below the spot types"
+
+
+def inbound_rules(config: dict) -> list[dict]:
+    return list((config["provider"].get("security_group") or {}).get("IpPermissions") or [])
+
+
+def opens_to_world(rule: dict) -> bool:
+    cidrs = [r["CidrIp"] for r in rule.get("IpRanges", [])]
+    cidrs += [r["CidrIpv6"] for r in rule.get("Ipv6Ranges", [])]
+    return any(ipaddress.ip_network(c).prefixlen == 0 for c in cidrs)
+
+
+def covers_port(rule: dict, port: int) -> bool:
+    if str(rule.get("IpProtocol")) == "-1":
+        return True
+    return rule.get("FromPort", 0) <= port <= rule.get("ToPort", 65535)
+
+
+def check_rules(rules: list[dict], own_groups: set[str] = frozenset()) -> None:
+    """Nothing but SSH open to the world; the cluster ports open to nobody outside it."""
+    for rule in rules:
+        if opens_to_world(rule):
+            assert (str(rule.get("IpProtocol")), rule.get("FromPort"), rule.get("ToPort")) == \
+                ("tcp", 22, 22), f"rule open to the world that is not SSH: {rule}"
+        outside = rule.get("IpRanges") or rule.get("Ipv6Ranges") or [
+            pair for pair in rule.get("UserIdGroupPairs", []) if pair["GroupId"] not in own_groups]
+        for port in CLUSTER_PORTS:
+            assert not (outside and covers_port(rule, port)), f"rule opens port {port}: {rule}"
+
+
+def test_security_group_rules_open_nothing_but_ssh():
+    config = load(CLUSTER_YAML)
+    check_rules(inbound_rules(config))
+    for name, node in config["available_node_types"].items():
+        assert "SecurityGroupIds" not in node["node_config"], \
+            f"{name}: a hand-picked security group escapes this check; use provider.security_group"
+
+
+def test_dashboard_stays_on_localhost_and_token_auth_is_on():
+    config = load(CLUSTER_YAML)
+    head_start = " ".join(config["head_start_ray_commands"])
+    worker_start = " ".join(config["worker_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_start
+    assert "0.0.0.0" not in head_start + worker_start
+    assert "RAY_AUTH_MODE=token ray start --head" in head_start
+    assert "RAY_AUTH_MODE=token ray start --address" in worker_start
+    assert any("export RAY_AUTH_MODE=token" in c for c in config["initialization_commands"])
+    mounts = config["file_mounts"]
+    assert mounts.get("/home/ubuntu/.ray/auth_token") == "~/.ray/auth_token", \
+        "every node needs the cluster's token (Ray docs: file_mounts of ~/.ray/auth_token)"
+
+
+def test_setup_installs_this_project_with_its_cuda_extra():
+    config = load(CLUSTER_YAML)
+    assert config["file_mounts"].get("/home/ubuntu/cifar-fleet") == "."
+    assert any('cifar-fleet[cuda]"' in c for c in config["worker_setup_commands"])
+    assert any("cifar-fleet" in c for c in config["head_setup_commands"])
+    assert ".gitignore" in config["rsync_filter"]
+
+
+SECRET_PATTERNS = {
+    "AWS access key id": re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b"),
+    "AWS secret key": re.compile(r"aws_secret_access_key|SecretAccessKey", re.I),
+    "private key": re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+    "Ray token value": re.compile(r"RAY_AUTH_TOKEN\s*[=:]"),
+    "hex token": re.compile(r"\b[0-9a-f]{64}\b"),
+    "AWS account id": re.compile(r"arn:aws:[a-z0-9-]+:[a-z0-9-]*:\d{12}:"),
+}
+
+
+def test_no_secrets_in_the_cluster_files():
+    files = [CLUSTER_YAML, LOCAL_YAML, *sorted((REPO / "cluster").iterdir())]
+    for path in files:
+        text = path.read_text()
+        for what, pattern in SECRET_PATTERNS.items():
+            assert not pattern.search(text), f"{path.name}: looks like it holds a {what}"
+
+
+# ---------------------------------------------------------------------------- IAM
+def statements(path: Path) -> list[dict]:
+    policy = json.loads(path.read_text())
+    assert policy["Version"] == "2012-10-17"
+    return policy["Statement"]
+
+
+def as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def test_node_policy_allows_only_the_results_bucket_prefix():
+    bucket_arn = f"arn:aws:s3:::{RESULTS_BUCKET}"
+    for statement in statements(NODE_POLICY):
+        assert statement["Effect"] == "Allow"
+        actions, resources = as_list(statement["Action"]), as_list(statement["Resource"])
+        assert all(a.startswith("s3:") and "*" not in a for a in actions), actions
+        for resource in resources:
+            if resource == bucket_arn:  # bucket-level: listing keys, its region; no data
+                assert set(actions) <= {"s3:ListBucket", "s3:GetBucketLocation"}, actions
+            else:
+                assert resource == f"{bucket_arn}/{RESULTS_PREFIX}/*", resource
+                assert not {"s3:ListBucket", "s3:PutBucketPolicy"} & set(actions)
+
+
+def test_head_policy_launches_only_this_clusters_workers():
+    config = load(CLUSTER_YAML)
+    region, name = config["provider"]["region"], config["cluster_name"]
+    worker_instances = {w["node_config"]["InstanceType"] for w in worker_types(config).values()}
+    node_profile = {w["node_config"]["IamInstanceProfile"]["Name"]
+                    for w in worker_types(config).values()}
+    assert node_profile == {"cifar-fleet-node"}
+    denied_types = None
+    for statement in statements(HEAD_POLICY):
+        actions, resources = as_list(statement["Action"]), as_list(statement["Resource"])
+        assert not any(a == "*" or a.startswith("s3:") or a.endswith(":*") for a in actions)
+        condition = statement.get("Condition", {})
+        if statement["Effect"] == "Deny":
+            assert actions == ["ec2:RunInstances"]
+            denied_types = set(condition["StringNotEquals"]["ec2:InstanceType"])
+            continue
+        if "iam:PassRole" in actions:
+            assert actions == ["iam:PassRole"]
+            assert resources == ["arn:aws:iam::*:role/cifar-fleet-node"]
+        elif {"ec2:TerminateInstances", "ec2:StopInstances"} & set(actions):
+            assert condition == {"StringEquals": {"ec2:ResourceTag/ray-cluster-name": name}}
+        elif "ec2:CreateTags" in actions:
+            assert condition == {"StringEquals": {"ec2:CreateAction": "RunInstances"}}
+        elif any(a.startswith("ec2:") for a in actions):
+            assert condition == {"StringEquals": {"aws:RequestedRegion": region}}
+        else:
+            assert actions == ["ssm:GetParameters"]
+    assert denied_types == worker_instances, "RunInstances must be limited to the worker types"
+
+
+def test_iam_roles_and_profiles_can_be_created_from_the_repo_json(moto_endpoint, monkeypatch):
+    """The README's `aws iam` steps, against moto (which rejects malformed policy documents)."""
+    import boto3
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    iam = boto3.client("iam", region_name="us-east-1")
+    for role, policies in (("cifar-fleet-node", [NODE_POLICY]),
+                           ("cifar-fleet-head", [NODE_POLICY, HEAD_POLICY])):
+        iam.create_role(RoleName=role, AssumeRolePolicyDocument=TRUST_POLICY.read_text())
+        for policy in policies:
+            iam.put_role_policy(RoleName=role, PolicyName=policy.stem,
+                                PolicyDocument=policy.read_text())
+        iam.create_instance_profile(InstanceProfileName=role)
+        iam.add_role_to_instance_profile(InstanceProfileName=role, RoleName=role)
+    config = load(CLUSTER_YAML)
+    for node in config["available_node_types"].values():
+        profile = node["node_config"]["IamInstanceProfile"]["Name"]
+        roles = iam.get_instance_profile(InstanceProfileName=profile)["InstanceProfile"]["Roles"]
+        assert [r["RoleName"] for r in roles] == [profile]
+
+
+def test_ray_aws_bootstrap_creates_a_group_open_only_to_ssh(moto_endpoint, monkeypatch, tmp_path):
+    """Ray's own bootstrap of cluster.yaml (what `ray up` does first) against a moto EC2."""
+    import boto3
+    from ray.autoscaler._private.aws.config import bootstrap_aws
+    from ray.autoscaler._private.aws.utils import client_cache, resource_cache
+    from ray.autoscaler._private.util import prepare_config
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    monkeypatch.setenv("HOME", str(tmp_path))  # Ray writes the new SSH key to ~/.ssh
+    client_cache.cache_clear()
+    resource_cache.cache_clear()
+    config = bootstrap_aws(prepare_config(load(CLUSTER_YAML)))
+    groups = {gid for node in config["available_node_types"].values()
+              for gid in node["node_config"]["SecurityGroupIds"]}
+    assert len(groups) == 1
+    ec2 = boto3.client("ec2", region_name="us-east-1")
+    (group,) = ec2.describe_security_groups(GroupIds=sorted(groups))["SecurityGroups"]
+    assert group["GroupName"] == "cifar-fleet-sg"
+    rules = group["IpPermissions"]
+    check_rules(rules, own_groups=groups)
+    world = [r for r in rules if opens_to_world(r)]
+    assert [(r["IpProtocol"], r["FromPort"], r["ToPort"]) for r in world] == [("tcp", 22, 22)]
+    assert (tmp_path / ".ssh").is_dir()  # the SSH key went to the (redirected) home only
+
+
+# ---------------------------------------------------------------------------- end to end
+def wait_for_job(client, job_id: str, timeout_s: float) -> str:
+    from ray.job_submission import JobStatus
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = client.get_job_status(job_id)
+        if status.is_terminal():
+            return status
+        time.sleep(2)
+    client.stop_job(job_id)
+    return "TIMED OUT"
+
+
+def get_json(url: str, headers: dict) -> dict:
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as r:
+        return json.loads(r.read())
+
+
+@pytest.mark.slow
+def test_rehearsal_tune_then_report_on_fake_gpu_cluster(s3_bucket, tmp_path):
+    """Submit the tune smoke sweep and the report to the fake-GPU cluster; results via S3."""
+    import os
+
+    from ray.job_submission import JobSubmissionClient
+
+    from cifar_core import storage
+    from cifar_core.provenance import runtime_env_vars
+    from cifar_core.records import TrialRecord
+
+    root = f"s3://{s3_bucket}/{RESULTS_PREFIX}"
+    data_uri, runs_uri = f"{root}/data/images", f"{root}/runs"
+    storage.upload_dir(write_image_folder(tmp_path / "images"), data_uri)
+    # What a job needs on any node: the Keras switch and commit (runtime_env_vars), the S3
+    # endpoint, and, for moto only, dummy credentials (AWS nodes use their instance profile).
+    env_vars = {**runtime_env_vars(), "AWS_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"],
+                "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    runtime_env = {"working_dir": str(REPO), "excludes": WORKING_DIR_EXCLUDES,
+                   "env_vars": env_vars}
+
+    rehearsal = local_cluster.start_local_cluster(LOCAL_YAML)
+    try:
+        client = JobSubmissionClient(rehearsal.address, headers=rehearsal.auth_headers())
+        tune = client.submit_job(
+            entrypoint=f"python -m jobs.tune --smoke-test --models M1 --use-gpu "
+                       f"--storage {runs_uri} --name rehearsal --data {data_uri}",
+            runtime_env=runtime_env)
+        status = wait_for_job(client, tune, timeout_s=420)
+        assert status == "SUCCEEDED", f"tune job {status}:\n{client.get_job_logs(tune)[-5000:]}"
+
+        nodes = get_json(f"{rehearsal.address}/api/v0/nodes?detail=1&limit=100",
+                         rehearsal.auth_headers())["data"]["result"]["result"]
+        gpu_nodes = [n for n in nodes if n["resources_total"].get("GPU", 0) >= 1]
+        assert gpu_nodes, f"the autoscaler added no GPU node: {nodes}"
+
+        records = storage.find_files(f"{runs_uri}/rehearsal", "trial.json")
+        assert len(records) == 1, f"expected one trial record in {runs_uri}: {records}"
+        record = TrialRecord.from_json(storage.read_text(records[0]))
+        assert record.status == "completed" and record.model == "M1"
+        assert record.resources.get("GPU", 0) > 0, record.resources
+
+        report_dir = tmp_path / "report"
+        report = client.submit_job(
+            entrypoint=f"python -m jobs.report --runs {runs_uri} --out {report_dir} "
+                       f"--publish {root}/published",
+            runtime_env=runtime_env)
+        status = wait_for_job(client, report, timeout_s=240)
+        assert status == "SUCCEEDED", f"report job {status}:\n{client.get_job_logs(report)}"
+        assert (report_dir / "leaderboard.csv").is_file()
+        assert storage.exists(f"{root}/published/manifest.json")
+    finally:
+        stopped = local_cluster.stop_local_cluster(rehearsal)
+    assert stopped, "stop found no processes of the rehearsal cluster"
+    assert not local_cluster._alive(rehearsal)
