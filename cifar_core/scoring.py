@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import stat
 import tempfile
@@ -101,6 +100,8 @@ class ScoreOptions:
     concurrency: int = 1             # predictor actors (each loads the model once)
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0      # logical CPUs Ray reserves per actor
+    decode_cpus: float = 0.5         # logical CPUs per read/decode task (must differ from
+                                     # cpus_per_actor, or Ray runs decoding inside the actors)
     model_threads: int = 0           # TensorFlow intra-op threads per actor; 0 = all cores
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
@@ -113,8 +114,10 @@ class ScoreOptions:
         for name in ("batch_size", "concurrency", "max_pixels", "max_file_bytes"):
             if getattr(self, name) < 1:
                 raise ScoringError(f"{name}={getattr(self, name)!r} must be >= 1")
-        if self.gpus_per_actor < 0 or self.cpus_per_actor < 0 or self.model_threads < 0:
+        if min(self.gpus_per_actor, self.cpus_per_actor, self.model_threads) < 0:
             raise ScoringError("gpus_per_actor, cpus_per_actor and model_threads must be >= 0")
+        if self.decode_cpus <= 0:
+            raise ScoringError(f"decode_cpus={self.decode_cpus!r} must be > 0")
         if self.limit is not None and self.limit < 1:
             raise ScoringError(f"limit={self.limit!r} must be >= 1")
         unknown = set(self.formats) - set(OUTPUT_FORMATS)
@@ -710,19 +713,27 @@ def run_pipeline(listing, checkpoint: Checkpoint, model_bytes: bytes, src: str,
     context.execution_options.preserve_order = True  # output rows follow the sorted listing
     endpoint = s3_endpoint(options.endpoint)
     total = len(listing)
-    dataset = ray.data.from_pandas(listing, override_num_blocks=math.ceil(total / FILES_PER_TASK))
+    import pyarrow as pa
+
+    table = pa.Table.from_pandas(listing, preserve_index=False)
+    dataset = ray.data.from_arrow(
+        [table.slice(offset, FILES_PER_TASK) for offset in range(0, total, FILES_PER_TASK)])
+    # Read and decode run as tasks (Ray fuses the two into one task per block); they reserve
+    # decode_cpus each, which also keeps them out of the predictor actors (Ray fuses stages
+    # with equal resources), so decoding overlaps prediction and scales on its own.
     dataset = dataset.map_batches(
-        read_files, batch_format="numpy", batch_size=None, zero_copy_batch=True,
+        read_files, batch_format="numpy", batch_size=None, num_cpus=options.decode_cpus,
         fn_kwargs=dict(root=src, max_file_bytes=options.max_file_bytes, endpoint=endpoint))
     dataset = dataset.map_batches(decode_images, batch_format="numpy", batch_size=None,
+                                  num_cpus=options.decode_cpus,
                                   fn_kwargs=dict(max_pixels=options.max_pixels))
     dataset = dataset.map_batches(
         Predictor, batch_format="numpy", batch_size=options.batch_size,
         fn_constructor_kwargs=dict(model_ref=ray.put(model_bytes),
                                    input_size=checkpoint.settings.input_size,
                                    model_threads=options.model_threads),
-        concurrency=options.concurrency, num_cpus=options.cpus_per_actor,
-        num_gpus=options.gpus_per_actor or None)
+        compute=ray.data.ActorPoolStrategy(size=options.concurrency),
+        num_cpus=options.cpus_per_actor, num_gpus=options.gpus_per_actor or None)
 
     stage = Counter()
     collected = {"label": [], "predicted_class": [], "status": [], "error": []}
@@ -749,34 +760,62 @@ def run_pipeline(listing, checkpoint: Checkpoint, model_bytes: bytes, src: str,
     return dict(stage), collected, time.perf_counter() - start
 
 
-def score(src: str, model: str, out: str, options: ScoreOptions = ScoreOptions(),
-          log=print) -> ScoreSummary:
-    """Score every file under SRC with MODEL into OUT; needs a running Ray (``ray.init``).
+@dataclass
+class ScoringPlan:
+    """Everything checked before any Ray work: the files, the model, where output goes."""
 
-    Raises ``ScoringError`` for whole-job problems (before any output is touched).
-    """
-    from cifar_core.provenance import provenance
+    src: str
+    listing: Any                     # DataFrame: path, size, label, status, error
+    checkpoint: Checkpoint
+    model_bytes: bytes
+    outputs: list[str]
+    summary_uri: str
+    options: ScoreOptions
+    list_s: float
 
+    @property
+    def has_labels(self) -> bool:
+        return bool((self.listing["label"] != "").any())
+
+    @property
+    def columns(self) -> list[str]:
+        return (["path"] + (["label"] if self.has_labels else []) + PREDICTION_COLUMNS
+                + ["status", "error"])
+
+
+def plan_scoring(src: str, model: str, out: str, options: ScoreOptions = ScoreOptions()
+                 ) -> ScoringPlan:
+    """List SRC, resolve and safely load MODEL, check OUT. No Ray; raises ``ScoringError``
+    (or ``StorageError``) for every whole-job problem, before any output is touched."""
     src = src.rstrip("/") if is_s3(src) else src
-    uris, summary_uri = output_uris(out, options.formats)
+    outputs, summary_uri = output_uris(out, options.formats)
     check_output(src, out)
     start = time.perf_counter()
     listing = list_source(src, options.limit, options.endpoint)
     list_s = time.perf_counter() - start
     checkpoint = resolve_checkpoint(model, options.endpoint)
     model_bytes = check_model(checkpoint)
-    has_labels = bool((listing["label"] != "").any())
-    columns = ["path"] + (["label"] if has_labels else []) + PREDICTION_COLUMNS + [
-        "status", "error"]
-    log(f"cifar score: {len(listing)} files under {src}; model {checkpoint.settings.model} "
-        f"from {checkpoint.uri}")
+    return ScoringPlan(src, listing, checkpoint, model_bytes, outputs, summary_uri, options,
+                       list_s)
 
-    writer = OutputWriter(uris, columns, options.endpoint)
+
+def execute(plan: ScoringPlan, log=print) -> ScoreSummary:
+    """Run the pipeline for a plan, replace the outputs, write the summary JSON beside them.
+
+    Needs a running Ray (``ray.init`` or ``start_ray``).
+    """
+    from cifar_core.provenance import provenance
+
+    options = plan.options
+    log(f"cifar score: {len(plan.listing)} files under {plan.src}; model "
+        f"{plan.checkpoint.settings.model} from {plan.checkpoint.uri}")
+    writer = OutputWriter(plan.outputs, plan.columns, options.endpoint)
     try:
-        stage, collected, pipeline_s = run_pipeline(listing, checkpoint, model_bytes, src,
-                                                    writer, options, log)
-        if writer.rows != len(listing):  # the promise: N files in, N rows out
-            raise RuntimeError(f"internal error: {len(listing)} files listed but "
+        stage, collected, pipeline_s = run_pipeline(plan.listing, plan.checkpoint,
+                                                    plan.model_bytes, plan.src, writer,
+                                                    options, log)
+        if writer.rows != len(plan.listing):  # the promise: N files in, N rows out
+            raise RuntimeError(f"internal error: {len(plan.listing)} files listed but "
                                f"{writer.rows} rows produced; output not replaced")
         writer.commit()
     except BaseException:
@@ -788,17 +827,24 @@ def score(src: str, model: str, out: str, options: ScoreOptions = ScoreOptions()
     kinds = Counter(str(e).split(":", 1)[0] for e, s in zip(collected["error"], status)
                     if s == ERROR)
     summary = ScoreSummary(
-        src=src, outputs=uris, summary_uri=summary_uri, model=checkpoint.describe(),
-        files=len(status), ok=len(status) - errors, errors=errors,
-        error_rate=errors / len(status), errors_by_kind=dict(sorted(kinds.items())),
+        src=plan.src, outputs=plan.outputs, summary_uri=plan.summary_uri,
+        model=plan.checkpoint.describe(), files=len(status), ok=len(status) - errors,
+        errors=errors, error_rate=errors / len(status),
+        errors_by_kind=dict(sorted(kinds.items())),
         images_per_s=len(status) / pipeline_s, pipeline_s=round(pipeline_s, 3),
-        stage_s={"list": round(list_s, 3),
+        stage_s={"list": round(plan.list_s, 3),
                  **{name: round(value, 3) for name, value in stage.items()}},
-        labels=label_summary(collected) if has_labels else None,
+        labels=label_summary(collected) if plan.has_labels else None,
         options=asdict(options), provenance=provenance())
-    write_text(summary_uri, json.dumps(asdict(summary), indent=1, default=str) + "\n",
+    write_text(plan.summary_uri, json.dumps(asdict(summary), indent=1, default=str) + "\n",
                options.endpoint)
     return summary
+
+
+def score(src: str, model: str, out: str, options: ScoreOptions = ScoreOptions(),
+          log=print) -> ScoreSummary:
+    """``plan_scoring`` then ``execute``: score every file under SRC with MODEL into OUT."""
+    return execute(plan_scoring(src, model, out, options), log)
 
 
 def label_summary(collected: dict[str, list]) -> dict:

@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpus-per-actor", type=float, default=0.0)
     parser.add_argument("--cpus-per-actor", type=float, default=1.0,
                         help="Logical CPUs Ray reserves per predictor actor.")
+    parser.add_argument("--decode-cpus", type=float, default=0.5,
+                        help="Logical CPUs per read/decode task (default 0.5).")
     parser.add_argument("--model-threads", type=int, default=0,
                         help="TensorFlow threads per actor (0: all cores of the machine).")
     parser.add_argument("--max-error-rate", type=float, default=0.01,
@@ -83,29 +85,30 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     if args.s3_endpoint:
         os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint  # Ray workers inherit it below
-    from cifar_core.scoring import score, start_ray
+    from cifar_core.scoring import execute, plan_scoring, start_ray
     from cifar_core.storage import StorageError
 
     try:
         options = ScoreOptions(
             batch_size=args.batch_size, concurrency=args.concurrency,
             gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
-            model_threads=args.model_threads, max_pixels=args.max_pixels,
-            max_file_bytes=args.max_file_bytes, limit=args.limit,
+            decode_cpus=args.decode_cpus, model_threads=args.model_threads,
+            max_pixels=args.max_pixels, max_file_bytes=args.max_file_bytes, limit=args.limit,
             formats=formats_for(args.out, args.format),
             progress_interval_s=0 if args.quiet else 5.0, endpoint=args.s3_endpoint)
-        started = start_ray(args.address)
-        try:
-            summary = score(args.src, args.model, args.out, options,
-                            log=lambda text: print(text, file=sys.stderr, flush=True))
-        finally:
-            if started:
-                import ray
-
-                ray.shutdown()
+        # Everything that can be wrong with the whole job is found here, before Ray starts.
+        plan = plan_scoring(args.src, args.model, args.out, options)
     except (ScoringError, StorageError) as error:
         print(f"cifar score: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    started = start_ray(args.address)
+    try:
+        summary = execute(plan, log=lambda text: print(text, file=sys.stderr, flush=True))
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
     print(f"cifar score: {summary.line()}", flush=True)
     if summary.labels and summary.labels.get("accuracy") is not None:
         print(f"cifar score: accuracy {summary.labels['accuracy']:.4f} on "

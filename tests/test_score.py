@@ -1,0 +1,504 @@
+"""Batch scoring (``cifar score``) and sample export (``cifar export-samples``).
+
+Real artifacts throughout: an M1 checkpoint trained for real on the synthetic image folder,
+images written with Pillow/TensorFlow encoders, a private local Ray for the module, moto S3.
+The pipeline tests run ``jobs.score.main`` in-process against that Ray (each run starts one
+predictor actor, ~10-20 s on a busy 2-core machine).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import cifar_core  # noqa: F401  (tf_keras before TensorFlow)
+from cifar_core.scoring import (DEFAULT_MAX_PIXELS, ImageError, ScoringError, decode_image,
+                                label_of, list_source, resolve_checkpoint)
+from cifar_core.settings import CLASS_NAMES, Settings
+from tests.conftest import make_images
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------------------- helpers
+def encode(image, fmt: str = "PNG", **kwargs) -> bytes:
+    from PIL import Image
+
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def png16(array: np.ndarray) -> bytes:
+    """A 16-bit PNG (grayscale (H, W, 1) or RGB (H, W, 3)) from TensorFlow's encoder."""
+    import tensorflow as tf
+
+    return tf.io.encode_png(array.astype(np.uint16)).numpy()
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid 1-bit PNG of zeros: a few kB on disk, width*height pixels once decoded."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    compressor = zlib.compressobj(9)
+    row = b"\0" * (1 + (width + 7) // 8)  # filter byte + packed bits
+    body = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body)
+            + chunk(b"IEND", b""))
+
+
+def sample_image(index: int = 3) -> np.ndarray:
+    images, _ = make_images(1, seed=5)
+    return images[index]
+
+
+def equivalent_pairs() -> dict[str, bytes]:
+    """Palette and 16-bit images next to their 8-bit RGB equivalents."""
+    from PIL import Image
+
+    rgb = sample_image()
+    gray = rgb.mean(axis=-1).round().astype(np.uint8)
+    palette = Image.fromarray(rgb).quantize(64)
+    return {
+        "gray16.png": png16(gray[..., None].astype(np.uint16) * 257),
+        "gray16_rgb.png": encode(np.stack([gray] * 3, axis=-1)),
+        "rgb16.png": png16(rgb.astype(np.uint16) * 257),
+        "rgb16_rgb.png": encode(rgb),
+        "palette.png": encode(palette),
+        "palette_rgb.png": encode(palette.convert("RGB")),
+    }
+
+
+def read_rows(uri: str) -> pd.DataFrame:
+    if uri.startswith("s3://"):
+        from cifar_core.storage import read_s3_object
+
+        return pd.read_parquet(io.BytesIO(read_s3_object(uri)))
+    return pd.read_parquet(uri) if uri.endswith(".parquet") else pd.read_csv(uri)
+
+
+def score_main(capsys, *argv) -> tuple[int, str, str]:
+    from jobs.score import main
+
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# ---------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def ray_module():
+    """One private local Ray for this module (reused if the session already started one)."""
+    import ray
+
+    from cifar_core.provenance import runtime_env_vars
+
+    if ray.is_initialized():
+        yield ray
+        return
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _temp_dir=tempfile.mkdtemp(prefix="cfscore-", dir="/tmp"),
+             runtime_env={"env_vars": runtime_env_vars()})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def trained_run(image_folder, tmp_path_factory) -> Path:
+    """A real M1 run folder (checkpoints/best, evaluation.json) on the synthetic images."""
+    from cifar_core.data import load_cifar10
+    from cifar_core.train import train
+
+    settings = Settings.from_dict(dict(model="M1", data=str(image_folder), num_epochs=3,
+                                       batch_size=32, optimizer="adam", learning_rate=3e-3))
+    workdir = tmp_path_factory.mktemp("m1run")
+    train(settings, load_cifar10(settings), workdir, verbose=0)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def samples(image_folder, tmp_path_factory) -> Path:
+    """Every synthetic test image (5 per class), exported the way users export theirs."""
+    from jobs.export_samples import main
+
+    out = tmp_path_factory.mktemp("samples")
+    assert main(["--data", str(image_folder), "--n", "50", "--out", str(out)]) == 0
+    return out
+
+
+# ---------------------------------------------------------------------------- no Ray needed
+def test_export_samples_writes_exact_test_images_named_by_class(image_folder, tmp_path):
+    from cifar_core.data import load_raw
+    from jobs.export_samples import main
+    from PIL import Image
+
+    assert main(["--data", str(image_folder), "--n", "13", "--out", str(tmp_path)]) == 0
+    files = sorted(tmp_path.iterdir())
+    assert len(files) == 13
+    _, _, x_test, y_test = load_raw(str(image_folder))
+    for path in files:
+        name, index = path.stem.rsplit("_", 1)
+        assert name == CLASS_NAMES[y_test[int(index)]]
+        assert label_of(path.name) == name
+        np.testing.assert_array_equal(np.asarray(Image.open(path)), x_test[int(index)])
+    # Classes in turn: 13 images cover all ten classes.
+    assert {label_of(p.name) for p in files} == set(CLASS_NAMES)
+    assert main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
+
+
+def test_decode_scales_16_bit_and_matches_8_bit_equivalents():
+    decoded = {name: decode_image(data) for name, data in equivalent_pairs().items()}
+    for name in ("gray16", "rgb16", "palette"):
+        np.testing.assert_array_equal(decoded[f"{name}.png"], decoded[f"{name}_rgb.png"])
+    # Clipping (Pillow's convert on 16-bit grayscale) would make almost every pixel 255.
+    assert decoded["gray16.png"].mean() < 200
+
+
+def test_decode_modes_sizes_and_orientation():
+    from PIL import Image
+
+    rgb = sample_image()
+    alpha = np.random.default_rng(0).integers(0, 256, rgb.shape[:2], dtype=np.uint8)
+    rgba = np.dstack([rgb, alpha])
+    np.testing.assert_array_equal(decode_image(encode(rgba)), rgb)  # alpha dropped
+    gray = decode_image(encode(rgb[..., 0]))
+    assert gray.shape == (32, 32, 3) and (gray[..., 0] == gray[..., 2]).all()
+    wide = decode_image(encode(np.zeros((60, 200, 3), np.uint8) + 90, "JPEG"))
+    assert wide.shape == (32, 32, 3) and abs(int(wide.mean()) - 90) <= 2
+    # EXIF orientation 6 ("rotate 90 CW to view"): a left-half-white image is shown top-white.
+    half = np.zeros((32, 32, 3), np.uint8)
+    half[:, :16] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    upright = decode_image(encode(half, "JPEG", exif=exif, quality=100))
+    assert upright[:16].mean() > 200 and upright[16:].mean() < 50
+
+
+@pytest.mark.parametrize("data, kind", [
+    (b"", "empty file"),
+    (b"just some text\n", "not an image"),
+    (encode(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))[:1500],
+     "corrupt image"),
+    (bomb_png(20_000, 20_000), "too large"),
+])
+def test_decode_refuses_bad_input(data, kind):
+    with pytest.raises(ImageError) as error:
+        decode_image(data)
+    assert error.value.kind == kind
+
+
+def _peak_rss_decoding(path: Path, max_pixels: int) -> tuple[str, float]:
+    """Decode in a fresh process; (outcome, peak resident memory in MiB)."""
+    code = (
+        "import re, sys\n"
+        "from cifar_core.scoring import decode_image, ImageError\n"
+        "data = open(sys.argv[1], 'rb').read()\n"
+        "try:\n"
+        "    decode_image(data, int(sys.argv[2])); print('decoded')\n"
+        "except ImageError as error:\n"
+        "    print(error.kind)\n"
+        # VmHWM: this process's peak resident memory (ru_maxrss would include the pre-exec
+        # copy of the parent, pytest with TensorFlow loaded).
+        "status = open('/proc/self/status').read()\n"
+        "print(int(re.search(r'VmHWM:\\s+(\\d+)', status).group(1)) / 1024)\n")
+    result = subprocess.run([sys.executable, "-c", code, str(path), str(max_pixels)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300, check=True)
+    outcome, peak = result.stdout.split("\n")[:2]
+    return outcome, float(peak)
+
+
+def test_oversized_image_is_refused_before_decoding(tmp_path):
+    path = tmp_path / "bomb.png"
+    path.write_bytes(bomb_png(12_000, 12_000))  # 144 MP: ~0.6 GB to decode as RGB
+    assert path.stat().st_size < 100_000
+    outcome, peak_mib = _peak_rss_decoding(path, DEFAULT_MAX_PIXELS)
+    assert outcome == "too large"
+    assert peak_mib < 200, f"refusing the image used {peak_mib:.0f} MiB"
+    # Control: with the cap lifted the same file really does cost the memory (the check
+    # above can fail).
+    outcome, peak_mib = _peak_rss_decoding(path, 10**9)
+    assert outcome == "decoded" and peak_mib > 400
+
+
+def test_labels_from_class_folders_and_file_names():
+    assert label_of("cat/0001.jpg") == "cat"
+    assert label_of("train/Dog/x/0001.jpg") == "dog"
+    assert label_of("frog_00012.png") == "frog"
+    assert label_of("ship.png") == "ship"
+    assert label_of("catalog/photo.png") is None
+    assert label_of("photos/IMG_0001.jpg") is None
+
+
+def test_resolve_checkpoint_run_and_sweep(trained_run, tmp_path):
+    from cifar_core.records import COMPLETED, ERRORED, TrialRecord
+
+    best = trained_run / "checkpoints" / "best"
+    assert resolve_checkpoint(str(best)).local_dir == best
+    assert resolve_checkpoint(str(trained_run)).local_dir == best
+    assert resolve_checkpoint(str(best / "model.keras")).local_dir == best
+
+    sweep = tmp_path / "sweep"
+
+    def record(trial_id: str, status: str, accuracy: float | None, checkpoint: str) -> None:
+        folder = sweep / "trials" / trial_id
+        folder.mkdir(parents=True)
+        (folder / "trial.json").write_text(TrialRecord(
+            trial_id=trial_id, sweep="sweep", kind="tune", model="M1", settings={},
+            settings_hash=trial_id, status=status, stop_reason="completed",
+            best_val_accuracy=accuracy, test_accuracy=0.99 if trial_id == "M1-c" else 0.1,
+            checkpoint_uri=checkpoint).to_json())
+
+    record("M1-a", COMPLETED, 0.6, str(best))
+    record("M1-b", ERRORED, 0.9, str(tmp_path / "nowhere"))          # errored: never chosen
+    record("M1-c", COMPLETED, 0.4, str(trained_run / "checkpoints" / "last"))  # best *test*
+    (sweep / "trials" / "M1-d").mkdir()
+    (sweep / "trials" / "M1-d" / "trial.json").write_text("{half written")
+    chosen = resolve_checkpoint(str(sweep))
+    assert chosen.local_dir == best
+    assert chosen.selected_trial["trial_id"] == "M1-a"
+    assert chosen.selected_trial["selected_by"] == "best_val_accuracy"
+    with pytest.raises(ScoringError, match="not a checkpoint folder"):
+        resolve_checkpoint(str(tmp_path / "empty"))
+
+
+def test_listing_refuses_escaping_symlinks_and_special_files(tmp_path):
+    src, outside = tmp_path / "src", tmp_path / "outside"
+    src.mkdir(), outside.mkdir()
+    (outside / "secret.png").write_bytes(encode(sample_image()))
+    (src / "a.png").write_bytes(encode(sample_image()))
+    (src / "up.png").symlink_to(outside / "secret.png")
+    (src / "dir_link").symlink_to(outside)
+    (src / "inside_link.png").symlink_to(src / "a.png")
+    os.mkfifo(src / "pipe")
+    listing = list_source(str(src)).set_index("path")
+    kinds = {Path(p).name: row.error.split(":")[0] for p, row in listing.iterrows()}
+    assert kinds == {"a.png": "", "up.png": "symlink outside SRC",
+                     "dir_link": "symlink outside SRC", "inside_link.png": "",
+                     "pipe": "not a regular file"}
+
+
+def _write_unsafe_checkpoint(folder: Path) -> Path:
+    import tf_keras as keras
+
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Lambda(lambda t: t * 2.0)(inputs)  # arbitrary Python code in the model
+    outputs = keras.layers.Dense(10, activation="softmax")(keras.layers.Flatten()(x))
+    folder.mkdir(parents=True)
+    keras.Model(inputs, outputs).save(str(folder / "model.keras"))
+    (folder / "settings.json").write_text(Settings(model="M1").to_json())
+    return folder
+
+
+def test_whole_job_errors_exit_2_before_ray(tmp_path, samples, trained_run, capsys):
+    import ray
+
+    ray_was_running = ray.is_initialized()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model.keras").write_bytes(b"not a zip file")
+    (broken / "settings.json").write_text(Settings(model="M1").to_json())
+    unsafe = _write_unsafe_checkpoint(tmp_path / "unsafe")
+    out = tmp_path / "out" / "scores.csv"
+    cases = [
+        ([tmp_path / "missing", "--model", trained_run, "--out", out], "does not exist"),
+        ([empty, "--model", trained_run, "--out", out], "holds no files"),
+        ([samples, "--model", tmp_path / "nothing", "--out", out], "not a checkpoint folder"),
+        ([samples, "--model", broken, "--out", out], "refused or unreadable"),
+        ([samples, "--model", unsafe, "--out", out], "safe_mode"),
+        ([samples, "--model", trained_run, "--out", samples / "in.csv"], "inside SRC"),
+        ([samples, "--model", trained_run, "--out", tmp_path / "scores.txt"], ".csv or .parquet"),
+    ]
+    for argv, message in cases:
+        code, _, err = score_main(capsys, *argv)
+        assert code == 2, (argv, err)
+        assert message in err, (message, err)
+    assert not out.parent.exists()  # nothing written
+    assert ray.is_initialized() == ray_was_running  # all found before Ray would start
+
+
+# ---------------------------------------------------------------------------- pipeline runs
+def test_scores_exported_samples_like_training_evaluated_them(ray_module, samples, trained_run,
+                                                                tmp_path, capsys):
+    out = tmp_path / "scores.csv"
+    for _ in range(2):  # the second run replaces the output: still one row per file
+        code, stdout, _ = score_main(capsys, samples, "--model", trained_run, "--out", out,
+                                     "--format", "both", "--batch-size", "16")
+        assert code == 0
+        for path in (out, out.with_suffix(".parquet")):
+            rows = read_rows(str(path))
+            assert len(rows) == 50 and rows["path"].is_unique
+            assert set(rows["status"]) == {"ok"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "scores.csv", "scores.parquet", "scores.summary.json"]  # no partial files left
+    assert "50 files, 50 ok, 0 errors" in stdout
+    assert list(rows.columns) == [
+        "path", "label", "predicted_class", "confidence", "top2_class", "top2_confidence",
+        "top3_class", "top3_confidence", "status", "error"]
+    assert (rows["label"] == rows["path"].map(lambda p: Path(p).name.split("_")[0])).all()
+    assert (rows["confidence"] >= rows["top2_confidence"]).all()
+    assert (rows["top2_confidence"] >= rows["top3_confidence"]).all()
+    summary = json.loads((tmp_path / "scores.summary.json").read_text())
+    accuracy = float((rows["label"] == rows["predicted_class"]).mean())
+    assert summary["labels"]["accuracy"] == pytest.approx(accuracy)
+    # The samples are the whole test split, so scoring must reproduce training's evaluation
+    # exactly: same pixels, same preprocessing, same model.
+    evaluation = json.loads((trained_run / "evaluation.json").read_text())
+    assert summary["labels"]["accuracy"] == pytest.approx(evaluation["test_accuracy"])
+    assert summary["labels"]["confusion_matrix"] == evaluation["confusion_matrix"]
+    assert summary["files"] == 50 and summary["provenance"]["git_commit"]
+    assert set(summary["stage_s"]) == {"list", "read", "decode", "predict", "write"}
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory) -> tuple[Path, dict[str, tuple[str, str]]]:
+    """One file of every bad kind, odd-but-fine images, and the expected (status, kind)."""
+    root = tmp_path_factory.mktemp("mixed")
+    src, outside = root / "src", root / "outside"
+    (src / "cat").mkdir(parents=True)
+    outside.mkdir()
+    rgb = sample_image()
+    noise = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    files = {
+        "good.png": encode(rgb), "good.jpg": encode(rgb, "JPEG"),
+        "cat/nested.png": encode(rgb),
+        "gray.png": encode(rgb[..., 0]), "rgba.png": encode(np.dstack([rgb, rgb[..., 0]])),
+        "photo.jpg": encode(np.zeros((300, 500, 3), np.uint8) + 128, "JPEG"),
+        **equivalent_pairs(),
+        "notes.txt": b"not an image\n", "empty.png": b"", "random.jpg": os.urandom(2000),
+        "truncated.png": encode(noise)[:3000], "truncated.jpg": encode(noise, "JPEG")[:1000],
+        "huge.png": bomb_png(20_000, 20_000),
+    }
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    # A corrupted PNG: valid header, flipped bytes inside the compressed pixel data.
+    corrupt = bytearray(encode(noise))
+    corrupt[len(corrupt) // 2: len(corrupt) // 2 + 64] = bytes(64)
+    (src / "corrupt.png").write_bytes(bytes(corrupt))
+    (outside / "secret.png").write_bytes(encode(rgb))
+    os.mkfifo(outside / "pipe")  # if the escaping link below were ever opened, the job hangs
+    (src / "link_outside.png").symlink_to(outside / "secret.png")
+    (src / "link_outside_fifo.png").symlink_to(outside / "pipe")
+    (src / "linked_dir").symlink_to(outside)
+    (src / "link_inside.png").symlink_to(src / "good.png")
+    (src / "broken_link.png").symlink_to(src / "gone.png")
+    os.mkfifo(src / "fifo")
+    expected = {name: ("ok", "") for name in files}
+    expected.update({
+        "notes.txt": ("error", "not an image"), "empty.png": ("error", "empty file"),
+        "random.jpg": ("error", "not an image"), "truncated.png": ("error", "corrupt image"),
+        "truncated.jpg": ("error", "corrupt image"), "huge.png": ("error", "too large"),
+        "corrupt.png": ("error", "corrupt image"),
+        "link_outside.png": ("error", "symlink outside SRC"),
+        "link_outside_fifo.png": ("error", "symlink outside SRC"),
+        "linked_dir": ("error", "symlink outside SRC"), "link_inside.png": ("ok", ""),
+        "broken_link.png": ("error", "unreadable"), "fifo": ("error", "not a regular file"),
+    })
+    return src, expected
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)  # a hang here means a FIFO or an escaping link was opened
+def test_mixed_folder_one_row_per_file_and_right_statuses(ray_module, mixed_folder,
+                                                          trained_run, tmp_path, capsys):
+    src, expected = mixed_folder
+    out = tmp_path / "mixed.parquet"
+    code, _, err = score_main(capsys, src, "--model", trained_run, "--out", out,
+                              "--max-pixels", DEFAULT_MAX_PIXELS)
+    assert code == 3, err  # 12 of 30 files fail: above the default 1 % error rate
+    assert "above --max-error-rate" in err
+    rows = read_rows(str(out)).set_index("path")
+    assert len(rows) == len(expected)
+    found = {os.path.relpath(path, src): (
+        row.status, row.error.split(":")[0] if isinstance(row.error, str) else "")
+        for path, row in rows.iterrows()}
+    assert found == expected
+    failed = rows[rows["status"] == "error"]
+    assert failed["predicted_class"].isna().all() and failed["confidence"].isna().all()
+    ok = rows[rows["status"] == "ok"]
+    assert ok["predicted_class"].isin(CLASS_NAMES).all() and ok["error"].isna().all()
+    assert "not decoded" in rows.loc[str(src / "huge.png"), "error"]
+    # Labels: only the file inside the cat/ folder has one.
+    assert rows["label"].notna().sum() == 1 and rows.loc[str(src / "cat/nested.png"),
+                                                         "label"] == "cat"
+    # 16-bit and palette images score exactly like their 8-bit RGB equivalents.
+    for name in ("gray16", "rgb16", "palette"):
+        a, b = rows.loc[str(src / f"{name}.png")], rows.loc[str(src / f"{name}_rgb.png")]
+        assert a["predicted_class"] == b["predicted_class"]
+        assert a["confidence"] == pytest.approx(b["confidence"], abs=1e-6)
+    summary = json.loads((tmp_path / "mixed.summary.json").read_text())
+    assert summary["files"] == len(expected) and summary["errors"] == len(failed)
+    assert summary["errors_by_kind"]["symlink outside SRC"] == 3
+
+
+@pytest.mark.slow
+def test_s3_source_and_output_match_local(ray_module, s3_bucket, samples, trained_run,
+                                          tmp_path, capsys):
+    import shutil
+
+    from cifar_core.records import COMPLETED, TrialRecord
+    from cifar_core.storage import read_text, upload_dir, write_text
+
+    folder = tmp_path / "images"
+    shutil.copytree(samples, folder / "batch1")
+    (folder / "bad").mkdir()
+    (folder / "bad" / "empty.jpg").write_bytes(b"")
+    (folder / "bad" / "notes.txt").write_text("hello")
+    (folder / "bad" / "huge.png").write_bytes(bomb_png(20_000, 20_000))
+    upload_dir(folder, f"s3://{s3_bucket}/images")
+    # MODEL as an s3 sweep folder whose only completed trial is the trained run.
+    checkpoint = f"s3://{s3_bucket}/sweep/trials/M1-x/best"
+    upload_dir(trained_run / "checkpoints" / "best", checkpoint)
+    write_text(f"s3://{s3_bucket}/sweep/trials/M1-x/trial.json", TrialRecord(
+        trial_id="M1-x", sweep="sweep", kind="tune", model="M1", settings={},
+        settings_hash="x", status=COMPLETED, stop_reason="completed", best_val_accuracy=0.5,
+        checkpoint_uri=checkpoint).to_json())
+
+    local_out = tmp_path / "local.parquet"
+    s3_out = f"s3://{s3_bucket}/scores/run.parquet"
+    assert score_main(capsys, folder, "--model", trained_run, "--out", local_out,
+                      "--max-error-rate", "0.1")[0] == 0
+    code, stdout, err = score_main(capsys, f"s3://{s3_bucket}/images", "--model",
+                                   f"s3://{s3_bucket}/sweep", "--out", s3_out,
+                                   "--max-error-rate", "0.1")
+    assert code == 0, err
+    local = read_rows(str(local_out))
+    remote = read_rows(s3_out)
+    local["path"] = local["path"].map(lambda p: os.path.relpath(p, folder))
+    remote["path"] = remote["path"].str.removeprefix(f"s3://{s3_bucket}/images/")
+    assert len(remote) == 53
+    pd.testing.assert_frame_equal(local.sort_values("path").reset_index(drop=True),
+                                  remote.sort_values("path").reset_index(drop=True))
+    summary = json.loads(read_text(f"s3://{s3_bucket}/scores/run.summary.json"))
+    assert summary["model"]["selected_trial"]["trial_id"] == "M1-x"
+    assert summary["errors"] == 3 and summary["labels"]["scored"] == 50
+
+
+@pytest.mark.slow
+def test_smoke_test_cli_starts_its_own_ray(samples, trained_run, tmp_path):
+    out = tmp_path / "smoke.csv"
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs", "score", str(samples), "--model", str(trained_run),
+         "--out", str(out), "--smoke-test", "--limit", "20", "--quiet"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "20 files, 20 ok, 0 errors" in result.stdout
+    assert len(pd.read_csv(out)) == 20
