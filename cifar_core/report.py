@@ -24,6 +24,7 @@ reproduces the same bytes, which keeps publishing idempotent.
 from __future__ import annotations
 
 import base64
+import datetime as _dt
 import html
 import io
 import json
@@ -137,8 +138,11 @@ def record_from_train_run(folder: str, endpoint: str | None = None) -> TrialReco
                if line.strip()]
     best = storage.join_uri(folder, "checkpoints", "best")
     state = read_json("checkpoints", "last", "state.json") or {}
+    # A run folder copied without its checkpoints (e.g. into results/) may keep provenance.json
+    # beside metrics.jsonl instead.
     provenance = (read_json("checkpoints", "best", "provenance.json")
-                  or read_json("checkpoints", "last", "provenance.json") or {})
+                  or read_json("checkpoints", "last", "provenance.json")
+                  or read_json("provenance.json") or {})
     evaluation = read_json("evaluation.json")
     finished = evaluation is not None
     val = [m["val_accuracy"] for m in history if m.get("val_accuracy") is not None]
@@ -165,7 +169,15 @@ def record_from_train_run(folder: str, endpoint: str | None = None) -> TrialReco
         data={"source": settings.data,
               **({"test": evaluation.get("test_images")} if finished else {})},
         history=history, evaluation=evaluation, provenance=provenance,
-        finished=provenance.get("created") if finished else None)
+        finished=_modified(storage.join_uri(folder, "evaluation.json"), endpoint)
+        if finished else None)
+
+
+def _modified(uri: str, endpoint: str | None = None) -> str | None:
+    """A file's modification time, ISO 8601 UTC (local or s3://)."""
+    fs, path = storage.filesystem(uri, endpoint)
+    mtime = fs.get_file_info(path).mtime
+    return mtime.astimezone(_dt.timezone.utc).isoformat(timespec="seconds") if mtime else None
 
 
 # ---------------------------------------------------------------------------- tables
@@ -238,6 +250,13 @@ def pareto_front(accuracy: pd.Series, cost: pd.Series) -> pd.Series:
     return pd.Series(front, index=accuracy.index)
 
 
+LEADERBOARD_COLUMNS = [
+    "rank", "model", "trials", "evaluated", "configs", "seed_notebook_accuracy", "gpu_hours",
+    "cpu_hours", "cost_usd", "best_trial", "best_settings", "best_val_accuracy",
+    "test_accuracy", "difference_vs_seed", "seeds", "test_accuracy_mean", "test_accuracy_std",
+    "best_epochs_run", "best_wall_time_s", "best_gpu_hours", "best_cost_usd", "checkpoint_uri"]
+
+
 def leaderboard(table: pd.DataFrame) -> pd.DataFrame:
     """One row per model family, the winner (highest validation accuracy) first.
 
@@ -279,9 +298,7 @@ def leaderboard(table: pd.DataFrame) -> pd.DataFrame:
             "checkpoint_uri": best["checkpoint_uri"],
         })
         rows.append(row)
-    board = pd.DataFrame(rows)
-    if "best_val_accuracy" not in board:
-        board["best_val_accuracy"] = math.nan
+    board = pd.DataFrame(rows, columns=LEADERBOARD_COLUMNS[1:])  # every column, even if empty
     board = board.sort_values(["best_val_accuracy", "model"], ascending=[False, True],
                               na_position="last").reset_index(drop=True)
     board.insert(0, "rank", range(1, len(board) + 1))
@@ -299,6 +316,7 @@ class ReportContext:
     sweeps: list[str]
     gpu_hour_price: float
     cpu_hour_price: float
+    trials: str = ""
     notes: list[str] = field(default_factory=list)
 
 
@@ -334,7 +352,10 @@ def report_context(records: Sequence[TrialRecord], gpu_hour_price: float,
     data, hardware, commits = set(), set(), set()
     for record in records:
         source = (record.data or {}).get("source", record.settings.get("data"))
-        data.add(data_label or describe_data(source, record.settings))
+        sizes = ", ".join(f"{split} {record.data[split]}" for split in ("train", "val", "test")
+                          if (record.data or {}).get(split) is not None)
+        data.add((data_label or describe_data(source, record.settings))
+                 + (f" ({sizes} images)" if sizes else ""))
         machine = (record.provenance or {}).get("machine") or {}
         if machine:
             gpus = machine.get("gpus") or []
@@ -342,11 +363,16 @@ def report_context(records: Sequence[TrialRecord], gpu_hour_price: float,
                          + (f"{len(gpus)} GPU(s): {', '.join(gpus)}" if gpus else "no GPU"))
         commits.add(str((record.provenance or {}).get("git_commit", "unknown")))
     notes = []
+    if len(data) > 1:
+        notes.append("These trials used different data (see Data): accuracies from different "
+                     "data are not comparable.")
     if any(c.endswith("-dirty") for c in commits):
         notes.append("Some trials ran from a work tree with uncommitted changes ('-dirty').")
+    statuses = pd.Series([r.status for r in records]).value_counts()
+    trials = f"{len(records)} trial(s): " + ", ".join(f"{n} {s}" for s, n in statuses.items())
     return ReportContext(sorted(data), sorted(hardware) or ["unknown"], sorted(commits),
                          sorted({r.sweep for r in records}), gpu_hour_price, cpu_hour_price,
-                         notes)
+                         trials, notes)
 
 
 # ---------------------------------------------------------------------------- figures
@@ -368,8 +394,8 @@ def figure_accuracy_vs_seed(board: pd.DataFrame, data_label: str) -> bytes:
     axis = figure.subplots()
     board = board.sort_values("model")
     x = np.arange(len(board))
-    ours = board["test_accuracy"].astype(float) if "test_accuracy" in board else np.nan * x
-    std = board.get("test_accuracy_std", pd.Series(np.nan, index=board.index)).fillna(0)
+    ours = board["test_accuracy"].astype(float)
+    std = board["test_accuracy_std"].astype(float).fillna(0)
     axis.bar(x - 0.2, ours, 0.4, yerr=std, capsize=3, label="this project (best config)",
              color="#3b75af")
     axis.bar(x + 0.2, board["seed_notebook_accuracy"], 0.4, label="seed notebook",
@@ -385,14 +411,22 @@ def figure_accuracy_vs_seed(board: pd.DataFrame, data_label: str) -> bytes:
     return _png(figure)
 
 
-def figure_learning_curves(records: Sequence[TrialRecord], board: pd.DataFrame) -> bytes:
-    """val_accuracy per epoch of each family's best trial; markers where trials were cut."""
+def figure_learning_curves(records: Sequence[TrialRecord], table: pd.DataFrame,
+                           board: pd.DataFrame) -> bytes:
+    """val_accuracy per epoch of each family's best trial; markers where trials were cut.
+
+    A family with no evaluated trial yet (all still running) shows its best trial so far."""
     by_id = {r.trial_id: r for r in records}
+    chosen = dict(zip(board["model"], board["best_trial"]))
     figure = _figure(7, 4)
     axis = figure.subplots()
     colors = {}
-    for index, row in board.dropna(subset=["best_trial"]).iterrows():
-        record = by_id[row["best_trial"]]
+    for model, family in table.groupby("model", sort=True):
+        best = chosen.get(model)
+        if not isinstance(best, str):
+            best = family.sort_values("best_val_accuracy", ascending=False).iloc[0]["trial_id"]
+        record = by_id[best]
+        row = {"model": model}
         epochs = [m["epoch"] for m in record.history if "val_accuracy" in m]
         line, = axis.plot(epochs, [m["val_accuracy"] for m in record.history
                                    if "val_accuracy" in m],
@@ -561,14 +595,14 @@ def summary_lines(board: pd.DataFrame, context: ReportContext) -> list[str]:
     lines = [f"- **Data**: {'; '.join(context.data)}",
              f"- **Hardware**: {'; '.join(context.hardware)}",
              f"- **Code**: commit {', '.join(context.commits)}",
-             f"- **Runs**: {', '.join(context.sweeps)}",
+             f"- **Runs**: {', '.join(context.sweeps)}; {context.trials}",
              f"- **Selection**: {SELECTION_NOTE}",
              f"- **Cost**: GPU-hours × ${context.gpu_hour_price:.3f} + CPU-hours × "
              f"${context.cpu_hour_price:.3f} (AWS us-east-1 on-demand: g5.xlarge less its "
              "vCPUs, m5 per vCPU; see cifar_core/report.py NODE_PRICES). Hours = wall time × "
              "resources each trial held."]
     lines += [f"- **Note**: {note}" for note in context.notes]
-    ranked = board.dropna(subset=["test_accuracy"]) if "test_accuracy" in board else board[:0]
+    ranked = board.dropna(subset=["test_accuracy"])
     if not ranked.empty:
         winner = ranked.iloc[0]
         text = (f"**Winner: {winner['model']}** (trial {winner['best_trial']}): test accuracy "
@@ -697,7 +731,7 @@ def build_report(records: Sequence[TrialRecord], out: str | Path, *,
     context = report_context(records, gpu_hour_price, cpu_hour_price, data_label)
     data_text = "; ".join(context.data)
     figures = {"accuracy_vs_seed": figure_accuracy_vs_seed(board, data_text),
-               "learning_curves": figure_learning_curves(records, board),
+               "learning_curves": figure_learning_curves(records, table, board),
                "accuracy_vs_cost": figure_accuracy_vs_cost(table)}
     report = Report(records, table, board, context, {})
     best = report.best_records()

@@ -61,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ReportError, StorageError, OSError) as error:
         print(f"cifar report: error: {error}", file=sys.stderr)
         return 2
-    board = report.leaderboard.dropna(subset=["test_accuracy"]) \
-        if "test_accuracy" in report.leaderboard else report.leaderboard[:0]
+    board = report.leaderboard.dropna(subset=["test_accuracy"])
     if not board.empty:
         top = board.iloc[0]
         print(f"cifar report: {len(records)} trials; best {top['model']} test_accuracy "

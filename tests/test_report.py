@@ -186,6 +186,7 @@ def test_train_run_folders_become_records(sweep, image_folder, tmp_path):
         json.loads((work / "evaluation.json").read_text())["test_accuracy"])
     assert records[0].wall_time_s == pytest.approx(sum(m["epoch_time_s"] for m in metrics))
     assert records[0].checkpoint_uri == str(work / "checkpoints" / "best")
+    assert records[0].status == "completed" and records[0].finished.endswith("+00:00")
     # The sweep's trials plus the run beside it; a run folder inside a sweep (Tune's working
     # copy of a trial) is not counted a second time.
     assert len(load_records([str(runs)])) == SMOKE_TRIALS + 1
@@ -211,11 +212,29 @@ def test_cli_writes_every_output_and_rejects_bad_input(sweep, tmp_path, capsys):
 
 
 @pytest.mark.slow  # builds on the tune smoke sweep (1-2 min, once per module)
-def test_report_reads_runs_from_s3(sweep, s3_bucket, tmp_path):
-    storage.upload_dir(sweep, f"s3://{s3_bucket}/sweeps")
+def test_report_reads_runs_from_s3_and_publishes_their_checkpoints(sweep, s3_bucket,
+                                                                      tmp_path):
+    # The sweep as a cluster would leave it: records and checkpoints both in S3.
+    copy_root = tmp_path / "sweeps"
+    shutil.copytree(sweep, copy_root)
+    for path in copy_root.glob(f"*/trials/*/{RECORD_FILE}"):
+        record = TrialRecord.from_json(path.read_text())
+        record.checkpoint_uri = (f"s3://{s3_bucket}/sweeps/"
+                                 f"{path.parent.relative_to(copy_root).as_posix()}/best")
+        path.write_text(record.to_json())
+    storage.upload_dir(copy_root, f"s3://{s3_bucket}/sweeps")
     records = load_records([f"s3://{s3_bucket}/sweeps"])
-    local = load_records([str(sweep)])
-    assert sorted(r.trial_id for r in records) == sorted(r.trial_id for r in local)
+    local = {r.trial_id: r for r in load_records([str(sweep)])}
+    assert sorted(r.trial_id for r in records) == sorted(local)
+    assert all(r.best_val_accuracy == local[r.trial_id].best_val_accuracy for r in records)
+
+    report = build_report(records, tmp_path / "out")
+    result = publish_report(report, f"s3://{s3_bucket}/published")
+    paths = {e["path"]: e["sha256"] for e in result.manifest["objects"]}
+    for model, best in result.manifest["best_checkpoints"].items():
+        original = Path(local[best["trial_id"]].checkpoint_uri) / "model.keras"
+        assert paths[f"{best['checkpoint']}/model.keras"] == hashlib.sha256(
+            original.read_bytes()).hexdigest()
 
 
 # ---------------------------------------------------------------------------- publishing
