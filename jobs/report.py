@@ -9,8 +9,10 @@ Reads every ``trial.json`` below each ``--runs`` location (local or s3://; also 
 ``leaderboard.csv`` (one row per model family), ``report.md`` and a self-contained
 ``report.html`` with figures. Takes seconds for hundreds of trials. ``--publish`` then uploads
 the report, every trial's metrics and each family's best checkpoint, verified by checksum, and
-writes ``manifest.json`` last (see cifar_core/publish.py). Exit code 2: no runs found or bad
-input; 1: the publish failed (re-run to complete it).
+writes ``manifest.json`` last (see cifar_core/publish.py). ``--smoke-test`` first makes a
+tiny sweep (``cifar tune --smoke-test --models M1,M2`` on ``--data``, local Ray, about 1-2 min)
+in a temporary folder and reports on that. Exit code 2: no runs found or bad input; 1: the
+publish failed (re-run to complete it).
 """
 
 from __future__ import annotations
@@ -27,8 +29,12 @@ from cifar_core.storage import StorageError
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cifar report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", action="append", required=True, metavar="STORAGE",
+    parser.add_argument("--runs", action="append", default=[], metavar="STORAGE",
                         help="Sweep storage or run folder (local or s3://); repeatable.")
+    parser.add_argument("--smoke-test", action="store_true",
+                        help="Report on a tiny M1+M2 smoke sweep made first in a temp folder.")
+    parser.add_argument("--data", help="--smoke-test only: CIFAR-10 source for the sweep "
+                                       "(default: CIFAR10_DATA).")
     parser.add_argument("--out", default="results", help="Output folder (default: results).")
     parser.add_argument("--publish", metavar="S3_URI",
                         help="Also publish to s3://bucket/prefix (manifest.json written last).")
@@ -46,7 +52,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.runs and not args.smoke_test:
+        parser.error("--runs STORAGE is required (or --smoke-test)")
+    if args.smoke_test:
+        from cifar_core.data import DataError
+        from cifar_core.settings import SettingsError
+        from cifar_core.sweep import SweepError
+
+        try:
+            args.runs.append(smoke_sweep(args.data))
+        except (DataError, SettingsError, SweepError) as error:
+            print(f"cifar report: error: smoke sweep: {error}", file=sys.stderr)
+            return 2
     try:
         if args.publish:  # a bad destination is bad input: say so before any work
             from cifar_core.publish import PublishError, check_destination
@@ -79,6 +98,19 @@ def main(argv: list[str] | None = None) -> int:
               f"({len(result.uploaded)} sent, {len(result.already_present)} already there) "
               f"and {args.publish.rstrip('/')}/manifest.json")
     return 0
+
+
+def smoke_sweep(data: str | None) -> str:
+    """Run the tune job's smoke sweep (M1, M2) into a temporary folder; return the storage."""
+    import tempfile
+
+    from cifar_core.sweep import SweepOptions, run_sweep
+
+    storage = tempfile.mkdtemp(prefix="cifar-report-smoke-")
+    overrides = {"data": data} if data else {}
+    run_sweep(SweepOptions(name="smoke", storage=storage, models=("M1", "M2"), grid="seed",
+                           overrides=overrides, smoke_test=True))
+    return storage
 
 
 if __name__ == "__main__":
