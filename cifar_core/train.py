@@ -68,7 +68,7 @@ class TrainState:
     """What a checkpoint must remember to continue exactly where it stopped."""
 
     epoch: int = 0                 # epochs completed, all phases together
-    phase: int = 0                 # index of the phase in progress (or next to start)
+    phase: int = 0                 # index of the phase in progress (or last finished)
     phase_epochs: int = 0          # epochs completed within that phase
     best_val_accuracy: float = -math.inf
     best_epoch: int = 0
@@ -159,9 +159,15 @@ def train(settings: Settings, data: Cifar10, workdir: str | Path, *,
 
     train_data = make_dataset(data.x_train, data.y_train, settings, training=True)
     val_data = make_dataset(data.x_val, data.y_val, settings, training=False)
+    if strategy is not None:
+        train_data, val_data = _shard_by_batch(train_data), _shard_by_batch(val_data)
     checkpointer = EpochCheckpoint(settings, workdir, state, report)
 
-    for phase in schedule(settings)[state.phase:]:
+    phases = schedule(settings)
+    for phase in phases[state.phase:]:
+        if _phase_finished(state, phase):
+            continue  # resumed after the run had finished this (last) phase
+        del state.stop_reasons[phase.index:]  # a finished last phase re-opened with more epochs
         remaining = phase.epochs - state.phase_epochs
         if state.phase_epochs == 0:
             # A fresh phase: set which layers train and compile at the phase's rate (this also
@@ -187,7 +193,8 @@ def train(settings: Settings, data: Cifar10, workdir: str | Path, *,
                       epochs=state.epoch + remaining, callbacks=callbacks, verbose=verbose)
         stopped = early_stopping is not None and early_stopping.stopped_epoch > 0
         state.stop_reasons.append("early_stopped" if stopped else "completed")
-        state.phase, state.phase_epochs = phase.index + 1, 0
+        if phase.index + 1 < len(phases):
+            state.phase, state.phase_epochs = phase.index + 1, 0
         if settings.early_stopping_patience:
             # The seed restores the best weights at the end of each phase; phase 2 starts there.
             checkpointer.restore_best(model)
@@ -202,6 +209,14 @@ def train(settings: Settings, data: Cifar10, workdir: str | Path, *,
         if (workdir / "checkpoints" / "best").exists():
             (workdir / "checkpoints" / "best" / "evaluation.json").write_text(text)
     return TrainResult(workdir, state, evaluation)
+
+
+def _phase_finished(state: TrainState, phase: Phase) -> bool:
+    """Did an earlier run end this phase (early stop, or all of its epochs)?"""
+    if len(state.stop_reasons) <= phase.index:
+        return False
+    return (state.stop_reasons[phase.index] == "early_stopped"
+            or state.phase_epochs >= phase.epochs)
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
@@ -245,7 +260,10 @@ class EpochCheckpoint(keras.callbacks.Callback):
         staging = checkpoints / ".staging"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        model.save(str(staging / MODEL_FILE))
+        # "keras_v3" rather than the file suffix: tf_keras picks the format from a thread-local
+        # flag that is unset in non-main threads (Ray Train and Tune run the training function in
+        # one) and, after the first save or load there, it silently writes HDF5 instead.
+        model.save(str(staging / MODEL_FILE), save_format="keras_v3")
         (staging / "settings.json").write_text(self.settings.to_json())
         (staging / "state.json").write_text(self.state.to_json())
         (staging / "provenance.json").write_text(json.dumps(self.provenance, indent=1))
@@ -281,6 +299,19 @@ def _replace_dir(staging: Path, target: Path) -> None:
         os.replace(target, old)
     os.replace(staging, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _shard_by_batch(dataset):
+    """Split every global batch between the workers (``batch_size`` is the global batch).
+
+    In-memory arrays have no files to divide, so the DATA policy is the one that applies; saying
+    so explicitly spares the AUTO policy's failed FILE attempt and its warning.
+    """
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
 
 
 class _null_scope:
