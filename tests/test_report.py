@@ -202,6 +202,11 @@ def test_cli_writes_every_output_and_rejects_bad_input(sweep, tmp_path, capsys):
     assert main(["--runs", str(sweep), "--out", str(out), "--gpu-hour-price", "3"]) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES)
     assert "wrote" in capsys.readouterr().out
+    # The same runs give the same bytes (no clock time inside), so re-publishing is a no-op.
+    again = tmp_path / "again"
+    assert main(["--runs", str(sweep), "--out", str(again), "--gpu-hour-price", "3"]) == 0
+    for name in OUTPUT_FILES:
+        assert (again / name).read_bytes() == (out / name).read_bytes(), name
     assert main(["--runs", str(tmp_path / "missing"), "--out", str(out)]) == 2
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -238,6 +243,20 @@ def test_report_reads_runs_from_s3_and_publishes_their_checkpoints(sweep, s3_buc
 
 
 # ---------------------------------------------------------------------------- publishing
+@pytest.mark.slow  # builds on the tune smoke sweep (1-2 min, once per module)
+def test_cli_publishes_through_an_endpoint_override(sweep, s3_bucket, moto_endpoint,
+                                                    monkeypatch, tmp_path, capsys):
+    from jobs.report import main
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # only the flag says where the store is
+    destination = f"s3://{s3_bucket}/cli"
+    assert main(["--runs", str(sweep), "--out", str(tmp_path / "out"), "--publish",
+                 destination, "--s3-endpoint", moto_endpoint]) == 0
+    manifest = read_manifest(destination, endpoint=moto_endpoint)
+    assert manifest is not None and set(manifest["best_checkpoints"]) == {"M1", "M2"}
+    assert "manifest.json" in capsys.readouterr().out
+
+
 def _recorded_client(endpoint: str, calls: list[str]):
     """An S3 client that records every PutObject key, in the order the requests are made."""
     client = storage.s3_client(endpoint)
