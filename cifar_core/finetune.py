@@ -1,0 +1,513 @@
+"""Multi-worker (multi-GPU, multi-node) training on Ray Train: M7's two-phase fine-tuning.
+
+A ``TensorflowTrainer`` starts ``num_workers`` Ray actors; each one runs the project's one
+training function, ``cifar_core.train.train``, under ``MultiWorkerMirroredStrategy``:
+
+- **Data parallelism.** ``Settings.batch_size`` is the *global* batch (images per optimizer
+  step, all workers together). Keras hands the batched ``tf.data`` pipeline to the strategy,
+  which splits every global batch into one slice per replica (``AutoShardPolicy.DATA``), so
+  each worker trains on its own share of every batch and of every epoch; gradients are summed
+  with a collective all-reduce (NCCL on GPUs, gRPC ring on CPUs) and every replica applies the
+  same update. The batch must divide evenly by the number of replicas.
+- **Learning-rate rule.** The seed trained M7 with batch 64. With the default
+  ``scale_learning_rate="none"`` the global batch stays what ``batch_size`` says (64 for M7)
+  and the seed's learning rates are kept: N workers then compute exactly the seed's
+  64-image gradient, split N ways. A larger global batch (``--batch-size 256`` on 4 GPUs) can
+  scale both phases' rates by ``batch_size / seed batch`` ("linear", Goyal et al. 2017, for
+  SGD) or by its square root ("sqrt", Malladi et al. 2022, for Adam); the scaled rates are the
+  ones written into ``settings.json`` and the trial record.
+- **BatchNorm.** The backbone runs with ``training=False`` (models.py), so its BatchNorm layers
+  normalise with their ImageNet moving statistics in both phases; those statistics never
+  change, nothing needs a cross-replica (synchronised) BatchNorm, and the per-worker batch
+  size does not change the maths.
+- **Phases and callbacks.** Phase (backbone frozen, then the last ``fine_tune_layers``
+  layers trainable at ``fine_tune_learning_rate``) and epoch live in the checkpoint's
+  ``state.json``. Early stopping, reduce-LR-on-plateau and best-by-val_accuracy run on every
+  worker; Keras all-reduces the metrics, so every worker sees the same values and makes the
+  same decision.
+- **Checkpoints.** Every worker saves its own copy (the strategy's collectives need all of
+  them to take part); rank 0 reports its ``checkpoints/`` folder (``last/`` and ``best/``)
+  to Ray Train after every epoch, so a restart loses at most the epoch in progress.
+- **Fault tolerance.** ``FailureConfig(max_failures)`` restarts the worker group from the
+  last reported checkpoint after a worker dies; launching again with the same ``name`` and
+  ``storage`` resumes the run (Train V2 reads ``checkpoint_manager_snapshot.json`` there).
+- **Output.** At the end, rank 0 has evaluated the best weights on the test set; the driver
+  writes ``<record_root>/trials/<trial_id>/{trial.json, best/, metrics.jsonl}`` (records.py
+  layout, ``kind="finetune"``), ``best/`` being the checkpoint format the scoring job reads.
+
+``run_finetune`` is the driver (``cifar finetune``); ``finetune_trial`` runs the same driver as
+a Ray Tune function, so a sweep can give an M7 trial several GPU workers (Train V2 in Tune: the
+Tune trial is only the driver, the workers get their own placement group).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import cifar_core  # noqa: F401  (selects tf_keras before TensorFlow loads)
+from cifar_core import storage
+from cifar_core.records import (COMPLETED, ERRORED, RECORD_FILE, TRIALS_DIR, TrialRecord,
+                                settings_hash, trial_id)
+from cifar_core.settings import MODEL_DEFAULTS, Settings, SettingsError
+
+#: Learning-rate rules for a global batch other than the seed's (see the module docstring).
+LR_RULES = ("none", "linear", "sqrt")
+
+#: File Ray Train V2 keeps in a run folder; its presence means the run can be resumed.
+RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+
+#: What a fine-tune run writes beside Ray's files: the options it was launched with.
+RUN_SPEC_FILE = "finetune.json"
+
+
+class FinetuneError(RuntimeError):
+    """A fine-tune run could not start, or failed after its allowed restarts."""
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    """How one fine-tune run is laid out on the cluster (job options, not model settings)."""
+
+    storage: str                      # local folder or s3://bucket/prefix (shared by all nodes)
+    name: str                         # the run lives in <storage>/<name>/
+    num_workers: int = 2              # Ray Train workers (one process each)
+    use_gpu: bool = False             # one GPU per worker unless gpus_per_worker says more
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float | None = None  # None: 1 with use_gpu, else 0
+    max_failures: int = 2             # restarts from the last checkpoint after a worker dies
+    resume: bool = False              # continue <storage>/<name> if it exists
+    init_from: str | None = None      # start from this checkpoint folder (weights and state)
+    scale_learning_rate: str = "none"  # LR_RULES
+    keep_checkpoints: int = 2         # reported checkpoints kept in storage (newest first)
+    scratch_dir: str | None = None    # worker-local folder for per-worker workdirs
+    record_root: str | None = None    # trials/<id>/ goes here; default <storage>/<name>
+    trial_id: str | None = None       # the record's id; default <model>-<settings hash>
+    sweep: str | None = None          # the record's sweep name; default ``name``
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name or self.name in (".", ".."):
+            raise FinetuneError(f"--name {self.name!r} must be a non-empty folder name")
+        if self.num_workers < 1:
+            raise FinetuneError(f"--num-workers {self.num_workers} must be >= 1")
+        if self.cpus_per_worker <= 0:
+            raise FinetuneError(f"--cpus-per-worker {self.cpus_per_worker} must be > 0")
+        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
+            raise FinetuneError(f"--gpus-per-worker {self.gpus_per_worker} must be >= 0")
+        if self.max_failures < -1:
+            raise FinetuneError(f"--max-failures {self.max_failures} must be >= -1 "
+                                "(-1: unlimited)")
+        if self.keep_checkpoints < 1:
+            raise FinetuneError(f"--keep-checkpoints {self.keep_checkpoints} must be >= 1")
+        if self.scale_learning_rate not in LR_RULES:
+            raise FinetuneError(f"--scale-learning-rate {self.scale_learning_rate!r} must be "
+                                f"one of {LR_RULES}")
+
+    @property
+    def gpus(self) -> float:
+        """GPUs per worker."""
+        if self.gpus_per_worker is not None:
+            return self.gpus_per_worker
+        return 1.0 if self.use_gpu else 0.0
+
+    @property
+    def replicas(self) -> int:
+        """Model replicas the global batch is split over (a worker with k GPUs holds k)."""
+        return self.num_workers * max(1, int(self.gpus))
+
+    @property
+    def run_uri(self) -> str:
+        return storage.join_uri(self.storage, self.name)
+
+    @property
+    def resources(self) -> dict[str, float]:
+        """All workers together, as a TrialRecord states them."""
+        return {"CPU": self.cpus_per_worker * self.num_workers,
+                "GPU": self.gpus * self.num_workers, "workers": self.num_workers}
+
+
+@dataclass
+class FinetuneResult:
+    record: TrialRecord
+    trial_uri: str                    # <record_root>/trials/<trial_id>
+    run_uri: str                      # Ray Train's run folder (checkpoints, snapshot)
+
+    @property
+    def best_uri(self) -> str:
+        return storage.join_uri(self.trial_uri, "best")
+
+
+# ---------------------------------------------------------------------------- settings
+def scale_learning_rate(settings: Settings, rule: str) -> Settings:
+    """Both phases' learning rates for ``settings.batch_size``, relative to the seed's batch."""
+    if rule not in LR_RULES:
+        raise FinetuneError(f"learning-rate rule {rule!r} must be one of {LR_RULES}")
+    reference = MODEL_DEFAULTS[settings.model]["batch_size"]
+    ratio = settings.batch_size / reference
+    factor = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[rule]
+    if factor == 1.0:
+        return settings
+    return settings.replace(learning_rate=settings.learning_rate * factor,
+                            fine_tune_learning_rate=settings.fine_tune_learning_rate * factor)
+
+
+def check_global_batch(settings: Settings, replicas: int) -> None:
+    """The global batch must split evenly, or replicas would weight their examples unequally."""
+    if settings.batch_size % replicas:
+        raise SettingsError(
+            f"batch_size={settings.batch_size} (the global batch) does not divide evenly over "
+            f"{replicas} replicas; use a multiple of {replicas}")
+
+
+# ---------------------------------------------------------------------------- the workers
+def train_loop_per_worker(config: dict) -> None:
+    """What every Ray Train worker runs: ``train()`` under the multi-worker strategy.
+
+    ``config``: ``settings`` (dict), ``data`` (an ObjectRef of the ``Cifar10`` arrays),
+    ``init_from`` (checkpoint URI or None), ``scratch_dir`` (None: the system temp folder).
+    """
+    import ray
+    import ray.train
+
+    from cifar_core.train import TrainState, train
+
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    settings = Settings.from_dict(config["settings"])
+    strategy = make_strategy(context.get_world_size())  # before any other TensorFlow op runs
+    data = ray.get(config["data"])
+    workdir = Path(tempfile.mkdtemp(prefix=f"cifar-finetune-rank{rank}-",
+                                    dir=config.get("scratch_dir")))
+    try:
+        resume_from = _starting_checkpoint(workdir, config.get("init_from"))
+        start = TrainState.read(resume_from) if resume_from else TrainState()
+        if rank == 0:
+            where = (f"resuming at phase {start.phase + 1}, epoch {start.epoch}"
+                     if resume_from else "starting from scratch")
+            print(f"cifar finetune: {context.get_world_size()} workers, {where}", flush=True)
+
+        def report(metrics: dict, last_checkpoint: str) -> None:
+            # Every worker reports (Ray Train's report is a barrier); only rank 0 hands over
+            # its checkpoints/ folder, holding last/ and best/ so a restart gets both back.
+            checkpoint = None
+            if rank == 0:
+                checkpoint = ray.train.Checkpoint.from_directory(Path(last_checkpoint).parent)
+            ray.train.report({**metrics, "start_epoch": start.epoch}, checkpoint=checkpoint)
+
+        result = train(settings, data, workdir / "run", report=report, resume_from=resume_from,
+                       strategy=strategy, verbose=2 if rank == 0 else 0)
+        # One more report after the test evaluation, so the final checkpoint carries
+        # best/evaluation.json and the driver (or Tune) sees test_accuracy.
+        final = dict(result.state.history[-1]) if result.state.history else {}
+        final.update({k: result.evaluation[k] for k in ("test_accuracy", "test_loss")})
+        report(final, str(result.last_checkpoint))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def make_strategy(world_size: int):
+    """The tf.distribute strategy for this worker; None when there is nothing to distribute.
+
+    GPU memory growth and thread pools must be set before TensorFlow's runtime starts, and
+    creating a strategy starts it, so both happen here first.
+    """
+    import tensorflow as tf
+
+    from cifar_core.train import configure_gpus
+
+    _limit_threads()
+    configure_gpus()
+    local_gpus = len(tf.config.list_physical_devices("GPU"))
+    if world_size > 1:
+        # TF_CONFIG (cluster addresses, this worker's index) was set by Ray's TensorFlow backend.
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if local_gpus > 1:
+        return tf.distribute.MirroredStrategy()
+    return None  # one worker, one device: plain fit, no collective overhead
+
+
+def _limit_threads() -> None:
+    """Size TensorFlow's thread pools to the CPUs Ray gave this worker (no oversubscription)."""
+    import ray
+    import tensorflow as tf
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    if cpus:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(max(1, int(cpus)))
+            tf.config.threading.set_inter_op_parallelism_threads(max(1, int(cpus)))
+        except RuntimeError:
+            pass  # TensorFlow already initialised in this process; its setting stands
+
+
+def _starting_checkpoint(workdir: Path, init_from: str | None) -> Path | None:
+    """The ``last`` checkpoint to continue from: Ray's latest report, else ``init_from``."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:  # a restart after a failure, or a re-launched run
+        return Path(checkpoint.to_directory(str(workdir / "restored"))) / "last"
+    if init_from:
+        local = workdir / "init"
+        storage.download_tree(init_from, local)
+        if not (local / "state.json").exists():
+            raise FinetuneError(f"--init-from {init_from}: not a checkpoint folder "
+                                "(no state.json)")
+        return local
+    return None
+
+
+# ---------------------------------------------------------------------------- the driver
+def connect(address: str | None = None, **init_kwargs: Any) -> None:
+    """Join the cluster at ``address``/``RAY_ADDRESS``, else start a private local Ray.
+
+    A private Ray gets a GCS port chosen here, and ``RAY_ADDRESS`` naming it is in the
+    environment its processes inherit: Ray Train V2's PlacementGroupCleaner finds "its" cluster
+    through the state API, which without ``RAY_ADDRESS`` picks *any* Ray on the machine, and
+    when that is another user's it concludes our controller is dead and removes our workers'
+    placement group (seen here with several Ray instances on one host).
+    """
+    import socket
+
+    import ray
+
+    from cifar_core.sweep import connect_ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
+        connect_ray(address)
+        return
+    from cifar_core.provenance import runtime_env_vars
+
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        port = probe.getsockname()[1]
+    host = ray.util.get_node_ip_address()
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    os.environ["RAY_ADDRESS"] = f"{host}:{port}"
+    try:
+        ray.init(address="local", runtime_env={"env_vars": runtime_env_vars()}, **init_kwargs)
+    except BaseException:
+        os.environ.pop("RAY_ADDRESS", None)
+        raise
+    finally:
+        os.environ.pop("RAY_GCS_SERVER_PORT", None)
+
+
+def build_trainer(settings: Settings, options: FinetuneOptions, data_ref: Any, *,
+                  callbacks: tuple = (), train_loop: Callable[[dict], None] | None = None):
+    """The ``TensorflowTrainer`` for one run (``train_loop`` replaces the worker function in
+    tests that need to reach into a worker)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.tensorflow import TensorflowTrainer
+
+    from cifar_core.provenance import runtime_env_vars
+
+    fs, path = storage.pyarrow_filesystem(options.storage)
+    resources = {"CPU": options.cpus_per_worker}
+    if options.gpus:
+        resources["GPU"] = options.gpus
+    return TensorflowTrainer(
+        train_loop or train_loop_per_worker,
+        train_loop_config={"settings": settings.to_dict(), "data": data_ref,
+                           "init_from": options.init_from, "scratch_dir": options.scratch_dir},
+        scaling_config=ScalingConfig(num_workers=options.num_workers,
+                                     use_gpu=bool(options.gpus),
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=options.name, storage_path=path, storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=options.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=options.keep_checkpoints),
+            # The Keras switch must be in the workers' environment before TensorFlow loads.
+            worker_runtime_env={"env_vars": runtime_env_vars()},
+            callbacks=list(callbacks)))
+
+
+def run_finetune(settings: Settings, options: FinetuneOptions, *, data=None,
+                 address: str | None = None, callbacks: tuple = (),
+                 train_loop: Callable[[dict], None] | None = None) -> FinetuneResult:
+    """Run (or resume) one multi-worker run to the end; export its best checkpoint and record.
+
+    Raises ``SettingsError``/``FinetuneError`` before any cluster work for bad input, and
+    ``FinetuneError`` when the run failed after ``max_failures`` restarts (its record says
+    ``errored``; its checkpoints stay, so ``resume=True`` continues it).
+    """
+    import ray
+
+    from cifar_core.data import load_cifar10
+    from cifar_core.provenance import git_commit, provenance
+    settings = scale_learning_rate(settings, options.scale_learning_rate)
+    check_global_batch(settings, options.replicas)
+    digest = settings_hash(settings, settings.data, git_commit())
+    run_id = options.trial_id or trial_id(settings, digest)
+    record_root = options.record_root or options.run_uri
+    trial_uri = storage.join_uri(record_root, TRIALS_DIR, run_id)
+
+    previous = latest_report(options)
+    if previous is not None and not options.resume:
+        raise FinetuneError(
+            f"run {options.run_uri} already exists (last checkpoint: epoch "
+            f"{previous[1].get('epoch', '?')}); pass --resume to continue it, or pick another "
+            "--name")
+    if options.resume:
+        print(f"cifar finetune: {_describe(previous, options)}", flush=True)
+
+    connect(address)
+    if data is None:
+        data = load_cifar10(settings)
+    storage.write_text(storage.join_uri(options.run_uri, RUN_SPEC_FILE), json.dumps({
+        "settings": settings.to_dict(), "options": asdict(options), "trial_id": run_id,
+        "data": data.summary(), "provenance": provenance()}, indent=1))
+    trainer = build_trainer(settings, options, ray.put(data), callbacks=callbacks,
+                            train_loop=train_loop)
+    earlier_time = _time_spent(previous)
+    started = time.time()
+    try:
+        result = trainer.fit()
+    except Exception as error:  # ray.train.TrainingFailedError and what a dead driver raises
+        record = _errored_record(settings, options, run_id, digest, data, error,
+                                 earlier_time + time.time() - started)
+        storage.write_text(storage.join_uri(trial_uri, RECORD_FILE), record.to_json())
+        raise FinetuneError(
+            f"fine-tune run {options.run_uri} failed after the {options.max_failures} "
+            f"restart(s) --max-failures allows: {_first_lines(error)}\nIts checkpoints are "
+            "kept: launch it again with the same --name and --storage and --resume to "
+            f"continue from the last one. Record: {storage.join_uri(trial_uri, RECORD_FILE)}"
+        ) from error
+    return _export(result, settings, options, run_id, digest, data, trial_uri,
+                   earlier_time + time.time() - started)
+
+
+def latest_report(options: FinetuneOptions) -> tuple[Any, dict] | None:
+    """(checkpoint, metrics) of the run's newest reported checkpoint, or None if no run."""
+    from ray.train import Result
+
+    if not storage.exists(storage.join_uri(options.run_uri, RAY_SNAPSHOT_FILE)):
+        return None
+    fs, path = storage.pyarrow_filesystem(options.run_uri)
+    result = Result.from_path(path, storage_filesystem=fs)
+    if result.checkpoint is None:
+        return None
+    return result.checkpoint, dict(result.metrics or {})
+
+
+def _describe(previous: tuple[Any, dict] | None, options: FinetuneOptions) -> str:
+    if previous is None:
+        return f"nothing to resume in {options.run_uri}; starting a new run"
+    metrics = previous[1]
+    return (f"resuming {options.run_uri} after epoch {metrics.get('epoch')} "
+            f"(phase {metrics.get('phase')})")
+
+
+def _time_spent(previous: tuple[Any, dict] | None) -> float:
+    """Seconds of training already in the checkpoint a re-launched run continues from."""
+    if previous is None:
+        return 0.0
+    with tempfile.TemporaryDirectory() as folder:
+        state = _read_state(previous[0], folder)
+    return sum(m.get("epoch_time_s", 0.0) for m in state.get("history", []))
+
+
+def _read_state(checkpoint, folder: str) -> dict:
+    local = Path(checkpoint.to_directory(folder))
+    return json.loads((local / "last" / "state.json").read_text())
+
+
+def _export(result, settings: Settings, options: FinetuneOptions, run_id: str, digest: str,
+            data, trial_uri: str, wall_time_s: float) -> FinetuneResult:
+    """Copy the final checkpoint's best/ to the trial folder and write its TrialRecord."""
+    with tempfile.TemporaryDirectory() as folder:
+        local = Path(result.checkpoint.to_directory(folder))
+        state = json.loads((local / "last" / "state.json").read_text())
+        best = local / "best"
+        if not (best / "model.keras").exists():  # no epoch had a val_accuracy: keep the last
+            best = local / "last"
+        evaluation = json.loads((best / "evaluation.json").read_text())
+        best_uri = storage.join_uri(trial_uri, "best")
+        storage.upload_tree(best, best_uri)
+        history = state["history"]
+        storage.write_text(storage.join_uri(trial_uri, "metrics.jsonl"),
+                           "".join(json.dumps(m) + "\n" for m in history))
+        record = TrialRecord(
+            trial_id=run_id, sweep=options.sweep or options.name, kind="finetune",
+            model=settings.model, settings=settings.to_dict(), settings_hash=digest,
+            status=COMPLETED,
+            stop_reason=("early_stopped" if "early_stopped" in state["stop_reasons"]
+                         else "completed"),
+            epochs_run=state["epoch"], best_val_accuracy=state["best_val_accuracy"],
+            best_epoch=state["best_epoch"], test_accuracy=evaluation.get("test_accuracy"),
+            test_loss=evaluation.get("test_loss"), wall_time_s=round(wall_time_s, 2),
+            resources=options.resources, checkpoint_uri=best_uri, data=data.summary(),
+            history=history, evaluation=evaluation,
+            provenance=json.loads((best / "provenance.json").read_text()), finished=_now())
+    storage.write_text(storage.join_uri(trial_uri, RECORD_FILE), record.to_json())
+    return FinetuneResult(record, trial_uri, options.run_uri)
+
+
+def _errored_record(settings: Settings, options: FinetuneOptions, run_id: str, digest: str,
+                    data, error: BaseException, wall_time_s: float) -> TrialRecord:
+    history, checkpoint_uri = [], None
+    try:
+        previous = latest_report(options)
+    except Exception:  # the record of a failure must not fail on a half-written snapshot
+        previous = None
+    if previous is not None:
+        with tempfile.TemporaryDirectory() as folder:
+            history = _read_state(previous[0], folder).get("history", [])
+        checkpoint_uri = ("s3://" if storage.is_s3(options.storage) else "") + previous[0].path
+    best = max(history, key=lambda m: m.get("val_accuracy", -math.inf), default={})
+    return TrialRecord(
+        trial_id=run_id, sweep=options.sweep or options.name, kind="finetune",
+        model=settings.model, settings=settings.to_dict(), settings_hash=digest,
+        status=ERRORED, stop_reason="error",
+        epochs_run=int(history[-1]["epoch"]) if history else 0,
+        best_val_accuracy=best.get("val_accuracy"), best_epoch=best.get("epoch"),
+        wall_time_s=round(wall_time_s, 2), resources=options.resources,
+        checkpoint_uri=checkpoint_uri, data=data.summary(), history=history,
+        error=str(error)[:2000], finished=_now())
+
+
+def _first_lines(error: BaseException, count: int = 6) -> str:
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return "\n".join(lines[:count]) or type(error).__name__
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------------------- Tune
+def finetune_trial(config: dict, data=None) -> None:
+    """Ray Tune function trainable: one sweep cell trained by a multi-worker Ray Train run.
+
+    ``config["cell"]`` has the sweep's shape, ``{"settings": {...}, "meta": {...}}``, with
+    ``meta`` holding ``trial_id``, ``sweep``, ``sweep_uri`` and ``workers``: a dict of
+    ``FinetuneOptions`` fields (``num_workers``, ``use_gpu``, ``cpus_per_worker``,
+    ``gpus_per_worker``, ``max_failures``, ``scale_learning_rate``, ...). The Train run lives in
+    ``<sweep_uri>/finetune-<trial_id>/`` and resumes there when Tune retries the trial; every
+    epoch's metrics reach Tune (for its scheduler) through ``TuneReportCallback``; the record
+    and ``best/`` go to ``<sweep_uri>/trials/<trial_id>/`` like every other trial's. ``data``
+    (the sweep's ``tune.with_parameters`` arrays) is optional: without it the driver loads
+    ``settings.data``. The trial itself needs only a CPU: request ``{"CPU": 1}`` for it and
+    cap ``max_concurrent_trials`` by the GPUs (``total GPUs // (num_workers * gpus)``).
+    """
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    cell = config["cell"]
+    meta = cell["meta"]
+    settings = Settings.from_dict(cell["settings"])
+    options = FinetuneOptions(
+        storage=meta["sweep_uri"], name=f"finetune-{meta['trial_id']}", resume=True,
+        record_root=meta["sweep_uri"], trial_id=meta["trial_id"], sweep=meta.get("sweep"),
+        **meta.get("workers", {}))
+    run_finetune(settings, options, data=data, callbacks=(TuneReportCallback(),))
