@@ -312,36 +312,45 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow  # builds on the tune smoke sweep (1-2 min, once per module)
-def test_publish_cut_mid_way_leaves_the_previous_manifest_and_a_rerun_completes(
-        built, sweep, tmp_path):
+def test_publish_cut_mid_way_writes_no_manifest_and_a_rerun_completes(built, sweep, tmp_path):
     from moto.server import ThreadedMotoServer
 
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
+    servers = [ThreadedMotoServer(ip_address="127.0.0.1", port=port)]
+    servers[0].start()
+
+    def stop_server_after_three(index: int, key: str) -> None:
+        if index == 2:
+            servers[-1].stop()
+
+    def cut_publish(report) -> None:
+        """Publish with the server stopped after the 3rd object; then start it again."""
+        started = time.monotonic()
+        with pytest.raises(PublishError, match="after 3 of"):
+            publish_report(report, destination, client=client,
+                           on_object=stop_server_after_three)
+        assert time.monotonic() - started < 120  # boto3's retries are bounded
+        servers.append(ThreadedMotoServer(ip_address="127.0.0.1", port=port))
+        servers[-1].start()  # moto keeps its objects in this process: the bucket is as it was
+
     try:
         client = storage.s3_client(endpoint)
         client.create_bucket(Bucket="cut-bucket")
         destination = "s3://cut-bucket/pub"
-        first = publish_report(built, destination, client=client)
 
-        # A second, different report (other prices): its publish is cut after 3 objects.
+        # A first publish, cut: no manifest at all; the re-run sends the rest and completes.
+        cut_publish(built)
+        assert read_manifest(destination, client=client) is None
+        assert len(_bucket_objects(client, "cut-bucket")) == 3
+        first = publish_report(built, destination, client=client)
+        assert len(first.already_present) == 3
+        assert read_manifest(destination, client=client)["publish_id"] == first.publish_id
+
+        # A second, different report (other prices), cut: readers still see the first, whole.
         second_report = build_report(load_records([str(sweep)]), tmp_path / "second",
                                      gpu_hour_price=9.0)
-
-        def stop_after_three(index: int, key: str) -> None:
-            if index == 2:
-                server.stop()
-
-        started = time.monotonic()
-        with pytest.raises(PublishError, match="after 3 of"):
-            publish_report(second_report, destination, client=client,
-                           on_object=stop_after_three)
-        assert time.monotonic() - started < 120  # retries are bounded
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-        server.start()
-        # Readers still see the first publish, whole.
+        cut_publish(second_report)
         manifest = read_manifest(destination, client=client)
         assert manifest["publish_id"] == first.publish_id
         stored = _bucket_objects(client, "cut-bucket")
@@ -349,14 +358,14 @@ def test_publish_cut_mid_way_leaves_the_previous_manifest_and_a_rerun_completes(
             assert hashlib.sha256(stored[f"pub/{entry['key']}"]).hexdigest() == entry["sha256"]
         partial = [k for k in stored if not k.startswith(f"pub/{manifest['base']}/")
                    and k != f"pub/{MANIFEST}"]
-        assert len(partial) == 3  # the cut publish's objects, not named by any manifest
+        assert len(partial) == 3  # the cut publish's objects, named by no manifest
 
         second = publish_report(second_report, destination, client=client)
-        assert len(second.already_present) == 3  # the re-run completes what was missing
+        assert len(second.already_present) == 3
         assert read_manifest(destination, client=client)["publish_id"] == second.publish_id
         assert second.publish_id != first.publish_id
     finally:
-        server.stop()
+        servers[-1].stop()
 
 
 def test_key_components_are_made_safe():
