@@ -545,8 +545,10 @@ def leaderboard_display(board: pd.DataFrame) -> pd.DataFrame:
     for _, row in board.iterrows():
         mean, std, seeds = (row.get("test_accuracy_mean"), row.get("test_accuracy_std"),
                             row.get("seeds"))
-        spread = (f"{mean:.4f} ± {std:.4f} (n={int(seeds)})"
-                  if isinstance(std, float) and math.isfinite(std) else "one seed")
+        if isinstance(std, float) and math.isfinite(std):
+            spread = f"{mean:.4f} ± {std:.4f} (n={int(seeds)})"
+        else:
+            spread = "one seed" if isinstance(row.get("best_trial"), str) else "—"
         rows.append({
             "rank": row["rank"], "model": row["model"],
             "test_accuracy": _fmt(row.get("test_accuracy"), "acc"),
@@ -554,9 +556,10 @@ def leaderboard_display(board: pd.DataFrame) -> pd.DataFrame:
             "seed notebook": _fmt(row["seed_notebook_accuracy"], "acc"),
             "difference": _fmt(row.get("difference_vs_seed"), "diff"),
             "best val_accuracy": _fmt(row.get("best_val_accuracy"), "acc"),
-            "best settings": row.get("best_settings") or "seed defaults",
+            "best settings": (row["best_settings"] or "seed defaults")
+            if isinstance(row.get("best_trial"), str) else "—",
             "trials": f"{row['evaluated']}/{row['trials']} evaluated",
-            "best trial": row.get("best_trial", "—"),
+            "best trial": row["best_trial"] if isinstance(row.get("best_trial"), str) else "—",
             "GPU-h (all trials)": _fmt(row["gpu_hours"], "hours"),
             "CPU-h (all trials)": _fmt(row["cpu_hours"], "hours"),
             "cost (all trials)": _fmt(row["cost_usd"], "usd"),
