@@ -1,0 +1,206 @@
+"""The tuning job: smoke sweep of the ladder, ASHA, S3 storage, dedupe, crash and driver kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cifar_core.records import TrialRecord
+from cifar_core.settings import Settings
+from cifar_core.sweep import SweepOptions, plan_cells, read_records, run_sweep
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def options(tmp_path, **kwargs) -> SweepOptions:
+    base = dict(name="sweep", storage=str(tmp_path / "store"), models=("M1",), grid="seed")
+    return SweepOptions(**{**base, **kwargs})
+
+
+def write_grid(path: Path, grid: dict) -> str:
+    path.write_text(json.dumps(grid))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_smoke_sweep_runs_every_model(tmp_path, image_folder, ray_local):
+    opts = options(tmp_path, models=("M1", "M2", "M4", "M5", "M6", "M7"), smoke_test=True,
+                   overrides={"data": str(image_folder)})
+    board = run_sweep(opts)
+    assert len(board) == 6 and set(board["status"]) == {"completed"}
+    for record in read_records(opts.sweep_uri):
+        best = Path(record.checkpoint_uri)
+        assert (best / "model.keras").exists() and (best / "evaluation.json").exists()
+        assert record.test_accuracy is not None and record.epochs_run >= 1
+        assert record.history and {"loss", "val_accuracy"} <= set(record.history[0])
+        assert record.provenance["git_commit"] and record.settings["model"] == record.model
+    m7 = next(r for r in read_records(opts.sweep_uri) if r.model == "M7")
+    assert [m["phase"] for m in m7.history] == [1, 2]  # both phases ran
+
+
+def test_resubmitting_runs_only_missing_cells(tmp_path, image_folder, ray_local):
+    grid = write_grid(tmp_path / "grid.json", {"M1": {"learning_rate": [0.01, 0.05]}})
+    opts = options(tmp_path, grid=grid, overrides={"data": str(image_folder), "num_epochs": 1})
+    run_sweep(opts)
+    first = {r.trial_id: r.finished for r in read_records(opts.sweep_uri)}
+    assert len(first) == 2
+    # Extend the grid: only the new cell runs; the finished ones keep their records.
+    grid = write_grid(tmp_path / "grid.json", {"M1": {"learning_rate": [0.01, 0.05, 0.1]}})
+    board = run_sweep(options(tmp_path, grid=grid, overrides=opts.overrides))
+    assert len(board) == 3
+    again = {r.trial_id: r.finished for r in read_records(opts.sweep_uri)}
+    assert {k: again[k] for k in first} == first
+
+
+def test_asha_stops_weak_trials_early_and_records_why(tmp_path, image_folder, ray_local):
+    rates = [0.1, 1e-6, 2e-6, 0.05, 3e-6, 4e-6, 0.08, 5e-6, 6e-6]
+    grid = write_grid(tmp_path / "grid.json", {"M1": {"learning_rate": rates}})
+    opts = options(tmp_path, grid=grid, scheduler="asha", max_concurrent=2,
+                   overrides={"data": str(image_folder), "num_epochs": 9, "batch_size": 32})
+    run_sweep(opts)
+    records = read_records(opts.sweep_uri)
+    stopped = [r for r in records if r.status == "stopped_by_scheduler"]
+    completed = [r for r in records if r.status == "completed"]
+    assert len(records) == len(rates) and stopped and completed
+    assert all(r.epochs_run < 9 and r.stop_reason == "stopped_by_scheduler" for r in stopped)
+    assert all(r.epochs_run == 9 and r.test_accuracy is not None for r in completed)
+    assert all(r.test_accuracy is None for r in stopped)  # never evaluated, never selected
+
+
+def test_sweep_on_s3_storage_and_resubmit(tmp_path, image_folder, s3_bucket, ray_local):
+    import boto3
+
+    opts = options(tmp_path, storage=f"s3://{s3_bucket}/sweeps",
+                   overrides={"data": str(image_folder), "num_epochs": 1})
+    run_sweep(opts)
+    keys = {o["Key"] for o in boto3.client("s3").list_objects_v2(
+        Bucket=s3_bucket, Prefix="sweeps/sweep/")["Contents"]}
+    (record,) = read_records(opts.sweep_uri)
+    prefix = f"sweeps/sweep/trials/{record.trial_id}"
+    assert {f"{prefix}/trial.json", f"{prefix}/best/model.keras",
+            f"{prefix}/best/evaluation.json"} <= keys
+    assert any("/checkpoint_" in key for key in keys)  # Ray's own checkpoints, for retries
+    assert record.checkpoint_uri == f"s3://{s3_bucket}/{prefix}/best"
+    # Re-submitting finds the finished cell in the bucket and runs nothing.
+    board = run_sweep(opts)
+    assert len(board) == 1 and read_records(opts.sweep_uri)[0].finished == record.finished
+
+
+def test_invalid_grid_exits_2_naming_model_field_and_value(tmp_path, image_folder):
+    grid = write_grid(tmp_path / "grid.json", {"M4": {"dropout_rate": [0.5, 1.5]}})
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.tune", "--models", "M4", "--grid", grid,
+         "--data", str(image_folder), "--storage", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 2
+    assert "model M4" in done.stderr and "dropout_rate=1.5" in done.stderr
+    assert not (tmp_path / "ladder").exists()  # nothing was started or written
+
+
+def test_cells_are_validated_and_hashed_before_ray(tmp_path, image_folder):
+    opts = options(tmp_path, models=("M1", "M4"), grid="default", seeds=2,
+                   overrides={"data": str(image_folder)})
+    cells = plan_cells(opts, "abc123")
+    assert len(cells) == 2 * (6 + 12) and len({c.trial_id for c in cells}) == len(cells)
+    assert {c.settings.seed for c in cells} == {0, 1}
+    assert plan_cells(opts, "abc123") == cells                 # stable ids
+    assert plan_cells(opts, "def456")[0].digest != cells[0].digest  # code version counts
+
+
+# ---------------------------------------------------------------------------- fault injection
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc), so tests end only what they started."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def test_crashed_trial_is_retried_from_its_checkpoint(tmp_path, image_folder, ray_local):
+    opts = options(tmp_path, max_failures=1, overrides={
+        "data": str(image_folder), "num_epochs": 6, "batch_size": 8})
+    killed = []
+
+    def kill_trial_after_first_checkpoint():
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            if list(Path(opts.sweep_uri).glob("M1-*/checkpoint_000000")):
+                for pid in descendants(os.getpid()):
+                    if cmdline(pid).startswith("ray::ImplicitFunc"):
+                        os.kill(pid, signal.SIGKILL)  # a real crash of the trial's process
+                        killed.append(pid)
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_trial_after_first_checkpoint, daemon=True)
+    killer.start()
+    run_sweep(opts)
+    killer.join(timeout=5)
+    assert killed, "the trial finished before it could be killed"
+    (record,) = read_records(opts.sweep_uri)
+    assert record.status == "completed" and record.epochs_run == 6
+    assert [m["epoch"] for m in record.history] == [1, 2, 3, 4, 5, 6]
+    # Ray's own log of reports: had the retry started from scratch, epoch 1 would repeat.
+    (result_file,) = Path(opts.sweep_uri).glob("M1-*/result.json")
+    epochs = [json.loads(line)["epoch"] for line in result_file.read_text().splitlines()]
+    assert sorted(epochs) == epochs and len(set(epochs)) == len(epochs) == 6
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, image_folder):
+    grid = write_grid(tmp_path / "grid.json", {"M1": {"learning_rate": [0.01, 0.02, 0.03]}})
+    command = [sys.executable, "-m", "jobs.tune", "--models", "M1", "--grid", grid,
+               "--data", str(image_folder), "--num-epochs", "3", "--batch-size", "8",
+               "--max-concurrent", "1", "--storage", str(tmp_path / "store"),
+               "--name", "killed"]
+    trials = tmp_path / "store" / "killed" / "trials"
+    driver = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    started = []
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and not list(trials.glob("*/trial.json")):
+            started = descendants(driver.pid) or started
+            time.sleep(0.2)
+        assert list(trials.glob("*/trial.json")), "no trial finished before the deadline"
+        started = descendants(driver.pid)
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+    finally:
+        for pid in [driver.pid, *started]:  # only what this test started
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    before = {p.parent.name: p.stat().st_mtime_ns for p in trials.glob("*/trial.json")}
+    assert 1 <= len(before) < 3
+    done = subprocess.run(command + ["--resume"], cwd=REPO, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming the interrupted sweep" in done.stdout
+    records = [TrialRecord.from_json(p.read_text()) for p in trials.glob("*/trial.json")]
+    assert len(records) == 3 and {r.status for r in records} == {"completed"}
+    after = {p.parent.name: p.stat().st_mtime_ns for p in trials.glob("*/trial.json")}
+    assert {k: after[k] for k in before} == before  # finished trials were not run again
