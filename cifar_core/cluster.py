@@ -18,10 +18,12 @@ Linux only (process lookup reads /proc).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import secrets
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,6 +32,8 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from ray.autoscaler._private.fake_multi_node.node_provider import FakeMultiNodeProvider
 
 #: Every process of a rehearsal cluster inherits this variable (value: the cluster's temp
 #: dir), so ``stop_local_cluster`` also finds the ones that left the process group (Ray starts
@@ -199,11 +203,12 @@ def _alive(cluster: LocalCluster) -> list[int]:
                   | set(_marked_processes(cluster.temp_dir)))
 
 
-def stop_local_cluster(cluster: LocalCluster | str | os.PathLike,
-                       grace_s: float = 10) -> list[int]:
+def stop_local_cluster(cluster: LocalCluster | str | os.PathLike, grace_s: float = 10,
+                       remove_files: bool = False) -> list[int]:
     """End every process of a rehearsal cluster (SIGTERM, then SIGKILL); return their pids.
 
     Only this cluster's process group and processes carrying its marker are signalled.
+    ``remove_files`` then deletes its temp dir (token, logs, Ray session).
     """
     if not isinstance(cluster, LocalCluster):
         cluster = LocalCluster.load(cluster)
@@ -222,7 +227,36 @@ def stop_local_cluster(cluster: LocalCluster | str | os.PathLike,
     left = _alive(cluster)
     if left:
         raise ClusterError(f"rehearsal cluster {cluster.temp_dir}: pids {left} survived SIGKILL")
+    if remove_files:
+        shutil.rmtree(cluster.temp_dir, ignore_errors=True)
     return stopped
+
+
+# ---------------------------------------------------------------------------- node provider
+class RehearsalNodeProvider(FakeMultiNodeProvider):
+    """Ray's fake multi-node provider, each fake node with a runtime-env folder of its own.
+
+    Real nodes have disks of their own; fake ones share the head's session folder, where a new
+    node's runtime-env agent re-extracts a job's ``working_dir`` (``overwrite=True``), deleting
+    the folder the job's driver runs in on the head: the driver's next ``os.getcwd()`` raises
+    FileNotFoundError. A per-node ``runtime_env_dir_name`` keeps them apart, as on real nodes.
+    """
+
+    def _create_node_with_resources_and_labels(self, node_config, tags, count, resources,
+                                               labels):
+        import ray._private.parameter as parameter
+
+        make_params = parameter.RayParams
+        # The base class builds RayParams itself; hand it one with this node's folder. The
+        # provider's lock (re-entrant, taken again inside) keeps the swap to this one call.
+        with self.lock:
+            folder = f"runtime_resources_node{self._next_node_id + 1}"
+            parameter.RayParams = functools.partial(make_params, runtime_env_dir_name=folder)
+            try:
+                super()._create_node_with_resources_and_labels(node_config, tags, count,
+                                                               resources, labels)
+            finally:
+                parameter.RayParams = make_params
 
 
 # ---------------------------------------------------------------------------- command line
@@ -249,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.action == "env":
         for name, value in cluster.client_env().items():
             print(f"export {name}={shlex.quote(value)}")
+        print(f"# cluster state: ray status --address 127.0.0.1:{cluster.gcs_port}")
         return 0
     stopped = stop_local_cluster(cluster)
     print(f"stopped {len(stopped)} processes: {stopped}")

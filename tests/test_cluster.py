@@ -292,6 +292,17 @@ def test_ray_aws_bootstrap_creates_a_group_open_only_to_ssh(moto_endpoint, monke
     assert [(r["IpProtocol"], r["FromPort"], r["ToPort"]) for r in world] == [("tcp", 22, 22)]
     assert (tmp_path / ".ssh").is_dir()  # the SSH key went to the (redirected) home only
 
+    # README "Security": replace SSH-from-anywhere with one address; a later `ray up` keeps it.
+    (group_id,) = groups
+    ec2.revoke_security_group_ingress(GroupId=group_id, IpProtocol="tcp", FromPort=22,
+                                      ToPort=22, CidrIp="0.0.0.0/0")
+    ec2.authorize_security_group_ingress(GroupId=group_id, IpProtocol="tcp", FromPort=22,
+                                         ToPort=22, CidrIp="203.0.113.7/32")
+    bootstrap_aws(prepare_config(load(CLUSTER_YAML)))
+    (group,) = ec2.describe_security_groups(GroupIds=[group_id])["SecurityGroups"]
+    assert not [r for r in group["IpPermissions"] if opens_to_world(r)], group["IpPermissions"]
+    check_rules(group["IpPermissions"], own_groups=groups)
+
 
 # ---------------------------------------------------------------------------- end to end
 def wait_for_job(client, job_id: str, timeout_s: float) -> str:
@@ -365,6 +376,6 @@ def test_rehearsal_tune_then_report_on_fake_gpu_cluster(s3_bucket, tmp_path):
         assert (report_dir / "leaderboard.csv").is_file()
         assert storage.exists(f"{root}/published/manifest.json")
     finally:
-        stopped = local_cluster.stop_local_cluster(rehearsal)
+        stopped = local_cluster.stop_local_cluster(rehearsal, remove_files=True)
     assert stopped, "stop found no processes of the rehearsal cluster"
     assert not local_cluster._alive(rehearsal)
