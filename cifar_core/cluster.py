@@ -10,9 +10,9 @@ with ``cluster.local.yaml``: the autoscaler (v2, as ``ray up`` runs it) starts f
 nodes (real raylets advertising GPUs) when work asks for GPUs and removes them when idle, as it
 would launch and terminate EC2 instances. The cluster gets its own ports, its own
 ``--temp-dir`` and its own token (token authentication on, as on AWS), so it never meets
-another Ray on the machine. It is stopped by process group, plus a marker variable that every
-process it started inherits (job drivers run in sessions of their own), never by ``ray stop``.
-Linux only (process lookup reads /proc).
+another Ray on the machine. Stopping finds its processes by a marker variable every one of
+them inherits from ``ray start`` (job drivers included, though Ray starts them in sessions of
+their own) and signals exactly those pids; never ``ray stop``. Linux only (reads /proc).
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ from pathlib import Path
 
 from ray.autoscaler._private.fake_multi_node.node_provider import FakeMultiNodeProvider
 
-#: Every process of a rehearsal cluster inherits this variable (value: the cluster's temp
-#: dir), so ``stop_local_cluster`` also finds the ones that left the process group (Ray starts
-#: job drivers in sessions of their own).
+#: Every process of a rehearsal cluster inherits this variable (value: the cluster's temp dir):
+#: how ``stop_local_cluster`` finds them, including job drivers, which Ray starts in sessions
+#: of their own. (A process group would miss those, and its id can be reused once it is gone.)
 MARKER_VARIABLE = "CIFAR_FLEET_REHEARSAL"
 STATE_FILE = "rehearsal.json"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -55,7 +55,6 @@ class LocalCluster:
     gcs_port: int
     dashboard_port: int
     client_port: int
-    process_group: int
     token_path: str
 
     @property
@@ -108,6 +107,8 @@ def start_local_cluster(config: str | os.PathLike = REPO_ROOT / "cluster.local.y
     """
     import yaml
 
+    if not Path("/proc/self/environ").exists():
+        raise ClusterError("the rehearsal cluster needs Linux: stopping it reads /proc")
     temp_dir = Path(temp_dir or tempfile.mkdtemp(prefix="cfrehearsal-", dir="/tmp"))
     temp_dir.mkdir(parents=True, exist_ok=True)
     gcs_port, dashboard_port, client_port = _free_port(), _free_port(), _free_port()
@@ -154,11 +155,10 @@ def start_local_cluster(config: str | os.PathLike = REPO_ROOT / "cluster.local.y
     ]
     log_path = temp_dir / "ray-start.log"
     with open(log_path, "wb") as log:
-        # A new session makes `ray start` the leader of a process group every Ray process it
-        # spawns stays in: that group id is how `stop` finds them.
+        # A session of its own: a Ctrl-C in the caller's terminal does not reach the cluster.
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True, cwd=temp_dir)
-    cluster = LocalCluster(str(temp_dir), gcs_port, dashboard_port, client_port, process.pid,
+    cluster = LocalCluster(str(temp_dir), gcs_port, dashboard_port, client_port,
                            str(token_path))
     cluster.save()
     try:
@@ -185,29 +185,24 @@ def _marked_processes(temp_dir: str) -> list[int]:
     return [pid for pid in found if pid != os.getpid()]
 
 
-def _group_members(group: int) -> list[int]:
-    members = []
-    for entry in Path("/proc").glob("[0-9]*"):
+def _alive(cluster: LocalCluster) -> list[int]:
+    """Pids of the cluster's processes still running (zombies excluded)."""
+    alive = []
+    for pid in _marked_processes(cluster.temp_dir):
         try:
-            # Fields after the ")" that ends the command name: state, ppid, pgrp, ...
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            # The state letter follows the ")" that closes the command name.
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                alive.append(pid)
         except (OSError, IndexError):
             continue
-        if int(fields[2]) == group and fields[0] != "Z":
-            members.append(int(entry.name))
-    return members
-
-
-def _alive(cluster: LocalCluster) -> list[int]:
-    return sorted(set(_group_members(cluster.process_group))
-                  | set(_marked_processes(cluster.temp_dir)))
+    return sorted(alive)
 
 
 def stop_local_cluster(cluster: LocalCluster | str | os.PathLike, grace_s: float = 10,
                        remove_files: bool = False) -> list[int]:
     """End every process of a rehearsal cluster (SIGTERM, then SIGKILL); return their pids.
 
-    Only this cluster's process group and processes carrying its marker are signalled.
+    Only processes carrying this cluster's marker are signalled, by pid.
     ``remove_files`` then deletes its temp dir (token, logs, Ray session).
     """
     if not isinstance(cluster, LocalCluster):
@@ -276,8 +271,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         cluster = start_local_cluster(args.config, args.temp_dir)
         print(f"rehearsal cluster up: dashboard and jobs at {cluster.address}, state in "
-              f"{cluster.temp_dir}; process group {cluster.process_group}")
-        print(f'clients: eval "$(cluster/local.sh env)"; stop: cluster/local.sh stop')
+              f"{cluster.temp_dir}")
+        print('clients: eval "$(cluster/local.sh env)"; stop: cluster/local.sh stop')
         return 0
     cluster = LocalCluster.load(args.temp_dir)
     if args.action == "env":
