@@ -172,6 +172,7 @@ def test_setup_installs_this_project_with_its_cuda_extra():
     assert any('cifar-fleet[cuda]"' in c for c in config["worker_setup_commands"])
     assert any("cifar-fleet" in c for c in config["head_setup_commands"])
     assert ".gitignore" in config["rsync_filter"]
+    assert {".data", ".venv"} <= set(config["rsync_exclude"])  # CI unpacks CIFAR-10 to .data/
 
 
 SECRET_PATTERNS = {
