@@ -54,9 +54,9 @@ from typing import Any
 import numpy as np
 
 from cifar_core.settings import CLASS_NAMES, Settings
-from cifar_core.storage import (StorageError, exists, filesystem, find_files, is_s3, join_uri,
-                                list_s3, read_s3_object, read_text, s3_endpoint,
-                                split_s3_object, upload_file, write_text)
+from cifar_core.storage import (StorageError, exists, find_files, is_s3, join_uri, list_s3,
+                                read_s3_object, read_text, s3_endpoint, upload_file,
+                                write_text)
 
 OK, ERROR = "ok", "error"
 #: Side of the images the decoder produces: CIFAR-10's native size, what training stored.
@@ -225,8 +225,9 @@ def check_model(checkpoint: Checkpoint) -> bytes:
         model = load_checkpoint_model(str(path))
     except ModelError as error:
         raise ScoringError(
-            f"MODEL {checkpoint.uri}: refused or unreadable ({error}). Only models that load "
-            "with safe_mode=True are scored: no Lambda layers or custom code.") from error
+            f"MODEL {checkpoint.uri}: refused or unreadable: {error}. cifar score loads models "
+            "with safe_mode=True only (no Lambda layers, no custom code) and has no option to "
+            "lower that.") from error
     size = checkpoint.settings.input_size
     expected = (None, size, size, 3)
     if tuple(model.input_shape) != expected or tuple(model.output_shape) != (
@@ -514,13 +515,19 @@ def make_predict_function(model, input_size: int):
 
 
 def load_model_from_bytes(model_bytes: bytes):
-    """A Keras model from the bytes of a ``model.keras`` file (safe_mode, as on the driver)."""
-    from cifar_core.models import load_checkpoint_model
+    """An inference-only Keras model from the bytes of a ``model.keras`` file.
+
+    ``safe_mode=True`` as everywhere (the driver has already loaded the same bytes with
+    ``models.load_checkpoint_model``); ``compile=False`` skips rebuilding the optimizer, which
+    scoring never uses, and keeps ``ray.tune`` (imported by ``models``) out of the actors, so
+    they start sooner.
+    """
+    import tf_keras as keras
 
     with tempfile.TemporaryDirectory(prefix="cifar-score-") as folder:
         path = Path(folder, MODEL_FILE)
         path.write_bytes(model_bytes)
-        return load_checkpoint_model(str(path))
+        return keras.models.load_model(str(path), safe_mode=True, compile=False)
 
 
 class Predictor:
@@ -534,9 +541,8 @@ class Predictor:
 
         if model_threads:
             tf.config.threading.set_intra_op_parallelism_threads(model_threads)
-        from cifar_core.train import configure_gpus
-
-        configure_gpus()
+        for gpu in tf.config.list_physical_devices("GPU"):
+            tf.config.experimental.set_memory_growth(gpu, True)  # actors may share a GPU
         model_bytes = ray.get(model_ref) if isinstance(model_ref, ray.ObjectRef) else model_ref
         self.predict = make_predict_function(load_model_from_bytes(model_bytes), input_size)
 
@@ -674,6 +680,7 @@ class ScoreSummary:
     errors_by_kind: dict[str, int] = field(default_factory=dict)
     images_per_s: float = 0.0         # files / pipeline seconds (read to last row written)
     pipeline_s: float = 0.0
+    first_row_s: float = 0.0          # pipeline start to first row written (actor start-up)
     stage_s: dict[str, float] = field(default_factory=dict)
     labels: dict | None = None        # accuracy + confusion matrix when labels are known
     options: dict = field(default_factory=dict)
@@ -702,9 +709,10 @@ def run_pipeline(listing, checkpoint: Checkpoint, model_bytes: bytes, src: str,
                  writer: OutputWriter, options: ScoreOptions, log=print):
     """Run the Ray Data pipeline over ``listing``, streaming rows into ``writer``.
 
-    Returns (stage seconds, per-row label/prediction/status columns for the summary).
-    Needs a running Ray (``ray.init``) in this process.
+    Returns (stage seconds incl. ``first_row``, the label/prediction/status columns for the
+    summary, pipeline seconds). Needs a running Ray (``ray.init``) in this process.
     """
+    import pyarrow as pa
     import ray
     import ray.data
 
@@ -713,8 +721,6 @@ def run_pipeline(listing, checkpoint: Checkpoint, model_bytes: bytes, src: str,
     context.execution_options.preserve_order = True  # output rows follow the sorted listing
     endpoint = s3_endpoint(options.endpoint)
     total = len(listing)
-    import pyarrow as pa
-
     table = pa.Table.from_pandas(listing, preserve_index=False)
     dataset = ray.data.from_arrow(
         [table.slice(offset, FILES_PER_TASK) for offset in range(0, total, FILES_PER_TASK)])
@@ -739,8 +745,11 @@ def run_pipeline(listing, checkpoint: Checkpoint, model_bytes: bytes, src: str,
     collected = {"label": [], "predicted_class": [], "status": [], "error": []}
     start = last_report = time.perf_counter()
     done = errors = 0
+    first_row_s = None
     for frame in dataset.iter_batches(batch_size=None, batch_format="pandas"):
         write_start = time.perf_counter()
+        if first_row_s is None:  # mostly the predictor actors' start-up (imports, model load)
+            first_row_s = write_start - start
         for column in TIMING_COLUMNS:
             stage[column.removesuffix("_s")] += float(frame[column].sum())
         for column in collected:
@@ -757,6 +766,7 @@ def run_pipeline(listing, checkpoint: Checkpoint, model_bytes: bytes, src: str,
             last_report = now
             log(f"cifar score: {done}/{total} files ({done / total:.0%}), "
                 f"{done / (now - start):.0f} images/s, {errors} errors")
+    stage["first_row"] = first_row_s or 0.0
     return dict(stage), collected, time.perf_counter() - start
 
 
@@ -832,6 +842,7 @@ def execute(plan: ScoringPlan, log=print) -> ScoreSummary:
         errors=errors, error_rate=errors / len(status),
         errors_by_kind=dict(sorted(kinds.items())),
         images_per_s=len(status) / pipeline_s, pipeline_s=round(pipeline_s, 3),
+        first_row_s=round(stage.pop("first_row"), 3),
         stage_s={"list": round(plan.list_s, 3),
                  **{name: round(value, 3) for name, value in stage.items()}},
         labels=label_summary(collected) if plan.has_labels else None,

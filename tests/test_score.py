@@ -322,7 +322,7 @@ def test_whole_job_errors_exit_2_before_ray(tmp_path, samples, trained_run, caps
         ([empty, "--model", trained_run, "--out", out], "holds no files"),
         ([samples, "--model", tmp_path / "nothing", "--out", out], "not a checkpoint folder"),
         ([samples, "--model", broken, "--out", out], "refused or unreadable"),
-        ([samples, "--model", unsafe, "--out", out], "safe_mode"),
+        ([samples, "--model", unsafe, "--out", out], "arbitrary code execution"),
         ([samples, "--model", trained_run, "--out", samples / "in.csv"], "inside SRC"),
         ([samples, "--model", trained_run, "--out", tmp_path / "scores.txt"], ".csv or .parquet"),
     ]
