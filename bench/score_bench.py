@@ -7,8 +7,11 @@ For each model (M7 = MobileNetV2 at 96 px with a random-init backbone, which tim
 trained one; M1 = the small baseline CNN), each repeat runs, in this order:
 
   (a) notebook:   decode one file, one ``model.predict`` call, for ``--notebook-images`` files;
-  (b) bare model: the scorer's compiled predict function (uint8 -> preprocess -> model) on
-                  preloaded batches of ``--batch-size`` images: no files, no Ray;
+  (b) bare model on preloaded uint8 batches of ``--batch-size`` (``--bare-images`` images
+      already decoded in memory: no files, no Ray), two ways: Keras ``model.predict`` over a
+      tf.data pipeline that preprocesses each batch (as ``evaluate`` does), and the scorer's
+      own compiled function (uint8 -> ``preprocess_images`` -> model), which is what each
+      predictor actor runs and so the ceiling for (c);
   (c) cifar score: the real job, ``python -m jobs.score DIR --model CKPT --out x.parquet``, in
                   a fresh process (own local Ray). Reported two ways: the pipeline rate from
                   the job's summary (files / seconds from pipeline start to last row written,
@@ -78,8 +81,22 @@ def notebook_rate(model, input_size: int, files: list[str]) -> float:
     return len(files) / (time.perf_counter() - start)
 
 
+def keras_predict_rate(model, input_size: int, images: np.ndarray, batch_size: int) -> float:
+    """(b) Keras ``model.predict`` on preloaded batches, preprocessed by tf.data per batch."""
+    import tensorflow as tf
+
+    from cifar_core.data import preprocess_images
+
+    dataset = tf.data.Dataset.from_tensor_slices(images).batch(batch_size).map(
+        lambda batch: preprocess_images(batch, input_size)).prefetch(tf.data.AUTOTUNE)
+    model.predict(dataset.take(1), verbose=0)  # build the predict function outside the timing
+    start = time.perf_counter()
+    model.predict(dataset, verbose=0)
+    return len(images) / (time.perf_counter() - start)
+
+
 def bare_model_rate(predict, images: np.ndarray, batch_size: int) -> float:
-    """(b) The model alone on preloaded uint8 batches (the scorer's own predict function)."""
+    """(b) The scorer's own compiled predict function on preloaded uint8 batches."""
     predict(images[:batch_size])  # trace and warm up outside the timing
     start = time.perf_counter()
     for offset in range(0, len(images), batch_size):
@@ -127,14 +144,19 @@ def bench_model(model_id: str, args, workdir: Path) -> dict:
     images = np.stack([decode_image(Path(p).read_bytes()) for p in files])
     notebook_files = files[:: max(1, len(files) // args.notebook_images)][: args.notebook_images]
     notebook_rate(model, settings.input_size, notebook_files[:5])  # warm-up
-    runs: dict[str, list] = {"notebook": [], "bare_model": [], "score_job": []}
+    bare = images[: args.bare_images]
+    runs: dict[str, list] = {"notebook": [], "keras_predict": [], "bare_model": [],
+                             "score_job": []}
     for repeat in range(args.repeats):
         runs["notebook"].append(notebook_rate(model, settings.input_size, notebook_files))
-        runs["bare_model"].append(bare_model_rate(predict, images, args.batch_size))
+        runs["keras_predict"].append(keras_predict_rate(model, settings.input_size, bare,
+                                                        args.batch_size))
+        runs["bare_model"].append(bare_model_rate(predict, bare, args.batch_size))
         runs["score_job"].append(score_job(checkpoint, args.data, args.images,
                                            args.batch_size, workdir))
-        print(f"{model_id} repeat {repeat + 1}: notebook {runs['notebook'][-1]:.1f}, bare "
-              f"{runs['bare_model'][-1]:.1f}, score pipeline "
+        print(f"{model_id} repeat {repeat + 1}: notebook {runs['notebook'][-1]:.1f}, keras "
+              f"predict {runs['keras_predict'][-1]:.1f}, bare {runs['bare_model'][-1]:.1f}, "
+              f"score pipeline "
               f"{runs['score_job'][-1]['pipeline_images_per_s']:.1f} / end-to-end "
               f"{runs['score_job'][-1]['end_to_end_images_per_s']:.1f} images/s", flush=True)
     pipeline = [r["pipeline_images_per_s"] for r in runs["score_job"]]
@@ -144,12 +166,18 @@ def bench_model(model_id: str, args, workdir: Path) -> dict:
         "model": model_id, "input_size": settings.input_size,
         "backbone_weights": settings.backbone_weights if model_id in ("M5", "M7") else None,
         "files": len(files), "notebook_images": len(notebook_files),
+        "bare_images": len(bare),
         "notebook_images_per_s": stats(runs["notebook"]),
+        "keras_predict_images_per_s": stats(runs["keras_predict"]),
         "bare_model_images_per_s": stats(runs["bare_model"]),
         "score_pipeline_images_per_s": stats(pipeline),
         "score_end_to_end_images_per_s": stats(
             [r["end_to_end_images_per_s"] for r in runs["score_job"]]),
         "score_first_row_s": stats([r["first_row_s"] or 0.0 for r in runs["score_job"]]),
+        # Rate once the first row is out (actor start-up excluded): what a long job sustains.
+        "score_steady_images_per_s": stats(
+            [r["files"] / max(r["pipeline_s"] - (r["first_row_s"] or 0.0), 1e-9)
+             for r in runs["score_job"]]),
         "score_stage_s_median": stages,
         "score_runs": runs["score_job"],
     }
@@ -158,6 +186,8 @@ def bench_model(model_id: str, args, workdir: Path) -> dict:
             runs["notebook"]),
         "score_pipeline_over_bare_model": statistics.median(pipeline) / statistics.median(
             runs["bare_model"]),
+        "score_pipeline_over_keras_predict": statistics.median(pipeline) / statistics.median(
+            runs["keras_predict"]),
         "score_end_to_end_over_bare_model": result["score_end_to_end_images_per_s"]["median"]
         / statistics.median(runs["bare_model"]),
     }
@@ -176,9 +206,10 @@ def markdown(report: dict) -> str:
         f"`{prov['git_commit']}`, {prov['created']}. {report['repeats']} repeats, interleaved; "
         f"images/s as median (min-max). Batch size {report['batch_size']}, one predictor "
         "actor. Models are random-init (timing only).", "",
-        "| model | (a) notebook: predict per image | (b) bare model, preloaded batches | "
-        "(c) cifar score, pipeline | (c) cifar score, end to end | (c)/(a) | (c)/(b) |",
-        "|---|---|---|---|---|---|---|",
+        "| model | (a) notebook: predict per image | (b) Keras predict, preloaded batches | "
+        "(b) scorer's function, preloaded batches | (c) cifar score, pipeline | "
+        "(c) cifar score, end to end | (c)/(a) | (c)/(b) Keras | (c)/(b) function |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
 
     def cell(s: dict) -> str:
@@ -187,26 +218,31 @@ def markdown(report: dict) -> str:
     for r in report["models"]:
         lines.append(
             f"| {r['model']} ({r['input_size']} px) | {cell(r['notebook_images_per_s'])} | "
-            f"{cell(r['bare_model_images_per_s'])} | {cell(r['score_pipeline_images_per_s'])} "
-            f"| {cell(r['score_end_to_end_images_per_s'])} | "
+            f"{cell(r['keras_predict_images_per_s'])} | {cell(r['bare_model_images_per_s'])} | "
+            f"{cell(r['score_pipeline_images_per_s'])} | "
+            f"{cell(r['score_end_to_end_images_per_s'])} | "
             f"{r['ratios']['score_pipeline_over_notebook']:.1f}x | "
+            f"{r['ratios']['score_pipeline_over_keras_predict']:.2f}x | "
             f"{r['ratios']['score_pipeline_over_bare_model']:.2f}x |")
     lines += ["", "Per-stage split of (c), median seconds over repeats (list and write: driver "
               "wall time; read, decode+resize, predict: worker-seconds summed over files; "
               "first row: pipeline start to first row written, which is mostly the predictor "
               "actor's start-up):", "",
               "| model | list | read | decode+resize | predict | write | first row | "
-              "pipeline total |", "|---|---|---|---|---|---|---|---|"]
+              "pipeline total | images/s after the first row |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in report["models"]:
         s = r["score_stage_s_median"]
         total = statistics.median(run["pipeline_s"] for run in r["score_runs"])
         lines.append(f"| {r['model']} | {s.get('list', 0):.2f} | {s.get('read', 0):.2f} | "
                      f"{s.get('decode', 0):.2f} | {s.get('predict', 0):.2f} | "
                      f"{s.get('write', 0):.2f} | {r['score_first_row_s']['median']:.1f} | "
-                     f"{total:.1f} |")
+                     f"{total:.1f} | {cell(r['score_steady_images_per_s'])} |")
     lines += ["", "(a) uses " + ", ".join(f"{r['model']}: {r['notebook_images']}"
                                           for r in report["models"])
-              + " images per repeat. Raw numbers: `bench-score.json`.", ""]
+              + " images per repeat, (b) " + ", ".join(f"{r['model']}: {r['bare_images']}"
+                                                     for r in report["models"])
+              + "; (c) always the whole folder. Raw numbers: `bench-score.json`.", ""]
     if report.get("notes"):
         lines += [report["notes"], ""]
     return "\n".join(lines)
@@ -220,6 +256,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--images", type=int, default=None, help="Subset of the folder.")
     parser.add_argument("--notebook-images", type=int, default=300)
+    parser.add_argument("--bare-images", type=int, default=2560,
+                        help="Preloaded images for (b); a rate needs no more.")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--out", default=str(REPO / "results" / "bench-score"))
     parser.add_argument("--notes", default="", help="A paragraph added to the .md.")
