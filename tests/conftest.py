@@ -119,10 +119,21 @@ def s3_bucket(moto_endpoint, monkeypatch, request) -> str:
     return name
 
 
+SHARED_ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
 @pytest.fixture(scope="session")
 def real_data_dir() -> Path:
-    """The shared CIFAR-10 (JPEG), unpacked; CI must have it, a laptop may skip."""
-    path = Path(os.environ.get("CIFAR10_JPEG_DIR", "../shared-data-unpacked/cifar10"))
+    """The shared CIFAR-10 (JPEG), unpacked: CIFAR10_JPEG_DIR, else the archive beside the
+    repo (../shared/data) unpacked once into the cache. CI must have it; a laptop may skip."""
+    if os.environ.get("CIFAR10_JPEG_DIR"):
+        path = Path(os.environ["CIFAR10_JPEG_DIR"])
+    elif SHARED_ARCHIVE.exists():
+        from cifar_core.data import _unpack_archive
+
+        path = _unpack_archive(SHARED_ARCHIVE) / "cifar10"
+    else:
+        path = Path("CIFAR10_JPEG_DIR-not-set")
     if not (path / "train").is_dir():
         if os.environ.get("CI"):
             pytest.fail(f"CIFAR10_JPEG_DIR={path} is not the unpacked shared CIFAR-10 (JPEG)")
