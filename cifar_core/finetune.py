@@ -183,6 +183,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank = context.get_world_rank()
     settings = Settings.from_dict(config["settings"])
     strategy = make_strategy(context.get_world_size())  # before any other TensorFlow op runs
+    replicas = strategy.num_replicas_in_sync if strategy is not None else 1
     data = ray.get(config["data"])
     workdir = Path(tempfile.mkdtemp(prefix=f"cifar-finetune-rank{rank}-",
                                     dir=config.get("scratch_dir")))
@@ -200,7 +201,8 @@ def train_loop_per_worker(config: dict) -> None:
             checkpoint = None
             if rank == 0:
                 checkpoint = ray.train.Checkpoint.from_directory(Path(last_checkpoint).parent)
-            ray.train.report({**metrics, "start_epoch": start.epoch}, checkpoint=checkpoint)
+            ray.train.report({**metrics, "start_epoch": start.epoch, "replicas": replicas},
+                             checkpoint=checkpoint)
 
         result = train(settings, data, workdir / "run", report=report, resume_from=resume_from,
                        strategy=strategy, verbose=2 if rank == 0 else 0)
