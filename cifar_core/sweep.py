@@ -200,6 +200,10 @@ def run_trial(config: dict, data) -> None:
 
     settings = Settings.from_dict(config["cell"]["settings"])
     meta = config["cell"]["meta"]
+    if meta.get("s3_endpoint"):
+        # The driver's S3 endpoint, for everything in this trial that talks to S3 (boto3 reads
+        # it from the environment; weights and records go through it too).
+        os.environ["AWS_ENDPOINT_URL"] = meta["s3_endpoint"]
     _limit_threads()
     from cifar_core.train import TrainState, train
 
@@ -212,11 +216,18 @@ def run_trial(config: dict, data) -> None:
                            for m in TrainState.read(resume_from).history)
     started = time.time()
 
+    final_report: list[dict] = []
+
     def report(metrics: dict, checkpoint_dir: str) -> None:
+        if metrics["epoch"] >= settings.total_epochs:
+            # A scheduler may stop a trial at any report, ASHA at its last rung even on the
+            # final epoch: hold the final one back until the evaluation and record are saved.
+            final_report.append(metrics)
+            return
         # Hand Tune the whole checkpoints/ folder (last/ and best/), so a retried trial gets
         # its best weights back too, not only the latest.
-        folder = str(Path(checkpoint_dir).parent)
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(
+            str(Path(checkpoint_dir).parent)))
 
     result = train(settings, data, workdir, report=report, resume_from=resume_from)
     trial_uri = storage.join_uri(meta["sweep_uri"], TRIALS_DIR, meta["trial_id"])
@@ -236,6 +247,9 @@ def run_trial(config: dict, data) -> None:
         finished=_now())
     storage.write_text(storage.join_uri(trial_uri, RECORD_FILE), record.to_json(),
                        meta.get("s3_endpoint"))
+    if final_report:
+        tune.report(final_report[-1], checkpoint=tune.Checkpoint.from_directory(
+            str(result.last_checkpoint.parent)))
 
 
 def _limit_threads() -> None:
@@ -286,6 +300,7 @@ def run_sweep(options: SweepOptions, data=None, address: str | None = None):
 
     code_version = git_commit()
     cells = plan_cells(options, code_version)          # validates before anything starts
+    options.s3_endpoint = storage.s3_endpoint(options.s3_endpoint)  # trials get the driver's
     if options.scheduler not in ("none", "asha"):
         raise SweepError(f"--scheduler {options.scheduler!r} must be 'none' or 'asha'")
     sweep_uri = options.sweep_uri
