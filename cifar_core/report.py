@@ -366,6 +366,17 @@ def report_context(records: Sequence[TrialRecord], gpu_hour_price: float,
     if len(data) > 1:
         notes.append("These trials used different data (see Data): accuracies from different "
                      "data are not comparable.")
+    uneven = []
+    for record in records:
+        times = [m["epoch_time_s"] for m in record.history if m.get("epoch_time_s")]
+        # Epochs of one trial do the same work; a spread this wide means a shared machine.
+        if len(times) >= 3 and max(times) > 3 * min(times):
+            uneven.append(f"{record.trial_id} {min(times):.0f}–{max(times):.0f} s "
+                          f"(median {float(np.median(times)):.0f} s)")
+    if uneven:
+        notes.append("Epoch times varied widely within trials, so the machine was busy with "
+                     "other work and wall times and costs are upper bounds: "
+                     + "; ".join(uneven[:5]) + (" …" if len(uneven) > 5 else "") + ".")
     if any(c.endswith("-dirty") for c in commits):
         notes.append("Some trials ran from a work tree with uncommitted changes ('-dirty').")
     statuses = pd.Series([r.status for r in records]).value_counts()
