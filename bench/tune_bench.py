@@ -1,0 +1,124 @@
+"""Tuning benchmarks: ASHA vs the full grid, and Tune's overhead over the ideal.
+
+    python bench/tune_bench.py asha --data DIR        # M4, 8 configs, 10k images, 8 epochs
+    python bench/tune_bench.py overhead --data DIR    # 24 short M1 trials
+
+asha: the same M4 grid (4 learning rates x 2 dropout rates) run twice on a stratified 10,000-
+image subset of CIFAR-10 (JPEG), once in full and once under ASHA (grace 1 epoch, reduction
+factor 3), 2 trials at a time. Compares trial-epochs spent and the best val_accuracy found.
+Target: ASHA within 0.5 points of the grid's best with <= 1/3 of its trial-epochs.
+
+overhead: 24 short trials (M1, 2,000 images, 2 epochs), 2 at a time on 2 cores. Sweep wall
+time (Tuner start to end, Ray already up, data preloaded) vs the ideal: sum of the trials' own
+wall times / 2 slots. Target <= 1.15x.
+
+Both write results/bench-tune-*.{json,md} with provenance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from common import write_results
+
+from cifar_core.data import load_cifar10
+from cifar_core.settings import Settings
+from cifar_core.sweep import SweepOptions, connect_ray, read_records, run_sweep
+
+
+def sweep(storage: str, name: str, grid: dict, data, **kwargs):
+    grid_file = Path(storage) / f"{name}.json"
+    grid_file.parent.mkdir(parents=True, exist_ok=True)
+    grid_file.write_text(json.dumps(grid))
+    options = SweepOptions(name=name, storage=storage, models=tuple(grid), grid=str(grid_file),
+                           **kwargs)
+    start = time.perf_counter()
+    run_sweep(options, data=data)
+    return time.perf_counter() - start, read_records(options.sweep_uri)
+
+
+def asha(args) -> None:
+    overrides = {"data": args.data, "limit": 10_000, "num_epochs": args.epochs}
+    data = load_cifar10(Settings.from_dict({"model": "M4", **overrides}))
+    grid = {"M4": {"learning_rate": [3e-4, 1e-3, 3e-3, 1e-2], "dropout_rate": [0.3, 0.5]}}
+    storage = tempfile.mkdtemp(prefix="bench-asha-")
+    connect_ray()
+    rows = {}
+    for scheduler in ("none", "asha"):
+        wall, records = sweep(storage, f"m4-{scheduler}", grid, data, overrides=overrides,
+                              scheduler=scheduler, max_concurrent=2)
+        best = max(records, key=lambda r: r.best_val_accuracy or 0)
+        rows[scheduler] = {
+            "trials": len(records), "wall_time_s": round(wall, 1),
+            "trial_epochs": sum(r.epochs_run for r in records),
+            "best_val_accuracy": best.best_val_accuracy, "best_settings": {
+                k: best.settings[k] for k in ("learning_rate", "dropout_rate")},
+            "best_test_accuracy": best.test_accuracy,
+            "stopped_by_scheduler": sum(r.status == "stopped_by_scheduler" for r in records),
+            "epochs_per_trial": sorted(r.epochs_run for r in records)}
+    grid_row, asha_row = rows["none"], rows["asha"]
+    gap = (grid_row["best_val_accuracy"] - asha_row["best_val_accuracy"]) * 100
+    share = asha_row["trial_epochs"] / grid_row["trial_epochs"]
+    verdict = {"gap_points": round(gap, 2), "epoch_share": round(share, 3),
+               "meets_target": gap <= 0.5 and share <= 1 / 3}
+    table = "\n".join([
+        "# ASHA vs full grid: M4, 8 configurations, 10,000 CIFAR-10 (JPEG) images, "
+        f"{args.epochs} epochs", "",
+        "| | trials | trial-epochs | best val_accuracy | its test_accuracy | wall time (s) |",
+        "|---|---|---|---|---|---|",
+        *(f"| {k} | {r['trials']} | {r['trial_epochs']} | {r['best_val_accuracy']:.4f} | "
+          f"{r['best_test_accuracy']:.4f} | {r['wall_time_s']} |"
+          for k, r in (("full grid", grid_row), ("ASHA", asha_row))), "",
+        f"ASHA: {gap:+.2f} points below the grid's best with {share:.0%} of its trial-epochs "
+        f"(target: <= 0.5 points with <= 33%): {'met' if verdict['meets_target'] else 'NOT met'}."
+        " One run of each (seed 0); 2 trials at a time, 1 CPU each."])
+    print(write_results("bench-tune-asha", {"grid": grid, "overrides": overrides,
+                                            "results": rows, "verdict": verdict}, table))
+    print(table)
+
+
+def overhead(args) -> None:
+    overrides = {"data": args.data, "limit": 2_000, "num_epochs": 2}
+    data = load_cifar10(Settings.from_dict({"model": "M1", **overrides}))
+    rates = [0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.1, 0.12, 0.15, 0.2, 0.25, 0.3]
+    grid = {"M1": {"learning_rate": rates}}
+    storage = tempfile.mkdtemp(prefix="bench-overhead-")
+    connect_ray()
+    slots = 2
+    wall, records = sweep(storage, "overhead", grid, data, overrides=overrides, seeds=2,
+                          max_concurrent=slots)
+    trial_times = [r.wall_time_s for r in records]
+    ideal = sum(trial_times) / slots
+    ratio = wall / ideal
+    payload = {"trials": len(records), "slots": slots, "sweep_wall_time_s": round(wall, 2),
+               "sum_trial_time_s": round(sum(trial_times), 2), "ideal_s": round(ideal, 2),
+               "ratio": round(ratio, 3), "meets_target": ratio <= 1.15,
+               "trial_times_s": trial_times, "overrides": overrides}
+    table = "\n".join([
+        "# Tune overhead: 24 short M1 trials (2,000 CIFAR-10 (JPEG) images, 2 epochs)", "",
+        "| trials | slots | sum of trial times (s) | ideal (s) | sweep wall time (s) | ratio |",
+        "|---|---|---|---|---|---|",
+        f"| {len(records)} | {slots} | {sum(trial_times):.1f} | {ideal:.1f} | {wall:.1f} | "
+        f"{ratio:.2f}x |", "",
+        f"Target <= 1.15x: {'met' if ratio <= 1.15 else 'NOT met'}. Trial time = the trial's "
+        "own wall time (training, test evaluation, record upload); the rest is Ray: actor "
+        "start-up, TensorFlow import per trial process, scheduling, result syncing."])
+    print(write_results("bench-tune-overhead", payload, table))
+    print(table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("which", choices=("asha", "overhead"))
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--epochs", type=int, default=8)
+    args = parser.parse_args()
+    {"asha": asha, "overhead": overhead}[args.which](args)
+
+
+if __name__ == "__main__":
+    main()
