@@ -24,7 +24,6 @@ reproduces the same bytes, which keeps publishing idempotent.
 from __future__ import annotations
 
 import base64
-import datetime as _dt
 import html
 import io
 import json
@@ -137,9 +136,9 @@ def record_from_train_run(folder: str, endpoint: str | None = None) -> TrialReco
                storage.read_text(storage.join_uri(folder, "metrics.jsonl"), endpoint).splitlines()
                if line.strip()]
     best = storage.join_uri(folder, "checkpoints", "best")
-    state = read_json("checkpoints", "last", "state.json") or {}
-    # A run folder copied without its checkpoints (e.g. into results/) may keep provenance.json
-    # beside metrics.jsonl instead.
+    # A run folder copied without its checkpoints (e.g. into results/) may keep state.json and
+    # provenance.json beside metrics.jsonl instead.
+    state = read_json("checkpoints", "last", "state.json") or read_json("state.json") or {}
     provenance = (read_json("checkpoints", "best", "provenance.json")
                   or read_json("checkpoints", "last", "provenance.json")
                   or read_json("provenance.json") or {})
@@ -168,16 +167,9 @@ def record_from_train_run(folder: str, endpoint: str | None = None) -> TrialReco
         checkpoint_uri=best if storage.exists(best, endpoint) else None,
         data={"source": settings.data,
               **({"test": evaluation.get("test_images")} if finished else {})},
-        history=history, evaluation=evaluation, provenance=provenance,
-        finished=_modified(storage.join_uri(folder, "evaluation.json"), endpoint)
-        if finished else None)
-
-
-def _modified(uri: str, endpoint: str | None = None) -> str | None:
-    """A file's modification time, ISO 8601 UTC (local or s3://)."""
-    fs, path = storage.filesystem(uri, endpoint)
-    mtime = fs.get_file_info(path).mtime
-    return mtime.astimezone(_dt.timezone.utc).isoformat(timespec="seconds") if mtime else None
+        # No finish time: a run folder records none, and a file's modification time would
+        # change with every copy or clone (the report must be reproducible byte for byte).
+        history=history, evaluation=evaluation, provenance=provenance, finished=None)
 
 
 # ---------------------------------------------------------------------------- tables
