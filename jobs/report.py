@@ -94,9 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         except PublishError as error:
             print(f"cifar report: error: {error}", file=sys.stderr)
             return 1
-        print(f"cifar report: published {len(result.manifest['objects'])} objects "
-              f"({len(result.uploaded)} sent, {len(result.already_present)} already there) "
-              f"and {args.publish.rstrip('/')}/manifest.json")
+        print(f"cifar report: published {len(result.manifest['objects'])} objects and "
+              f"{args.publish.rstrip('/')}/manifest.json (written last; "
+              f"{len(result.uploaded)} PUTs, {len(result.already_present)} already there "
+              "with matching checksums)")
     return 0
 
 
