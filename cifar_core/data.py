@@ -236,16 +236,18 @@ def load_cifar10(settings: Settings) -> Cifar10:
         if len(labels) == 0:
             raise DataError(f"data source {settings.data!r}: the {split!r} split is empty")
     if settings.limit is not None:
-        x_train, y_train = stratified_subset(x_train, y_train, settings.limit, settings.seed)
+        x_train, y_train = stratified_subset(x_train, y_train, settings.limit,
+                                             settings.split_seed)
         x_test, y_test = stratified_subset(
-            x_test, y_test, max(settings.limit // 5, len(CLASS_NAMES)), settings.seed)
+            x_test, y_test, max(settings.limit // 5, len(CLASS_NAMES)), settings.split_seed)
     num_classes = len(np.unique(y_train))
     val_size = max(int(round(len(y_train) * settings.validation_fraction)), num_classes)
     if val_size >= len(y_train):
         raise DataError(f"{len(y_train)} training images are too few to hold out a validation "
                         f"split of {settings.validation_fraction:.0%} with every class in it")
     x_train, x_val, y_train, y_val = train_test_split(
-        x_train, y_train, test_size=val_size, stratify=y_train, random_state=settings.seed)
+        x_train, y_train, test_size=val_size, stratify=y_train,
+        random_state=settings.split_seed)
     return Cifar10(x_train, y_train, x_val, y_val, x_test, y_test, source=settings.data)
 
 

@@ -79,8 +79,10 @@ class Settings:
         default=None)
     validation_fraction: float = _help(
         "Fraction of the training set held out (stratified, seeded) for validation.", default=0.1)
-    seed: int = _help("Seed for the validation split, subsets, weight init and shuffling.",
-                      default=0)
+    seed: int = _help("Seed for weight init, shuffling and augmentation (vary it to repeat "
+                      "a configuration).", default=0)
+    split_seed: int = _help("Seed for the validation split and --limit subsets; kept apart "
+                            "from seed so repeats share one data split.", default=0)
     num_epochs: int = _help("Training epochs (M7: phase-1 epochs, backbone frozen).", default=50)
     batch_size: int = _help("Global batch size in images per optimizer step.", default=512)
     optimizer: str = _help("'sgd' or 'adam'.", default="sgd")
@@ -192,7 +194,7 @@ class Settings:
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name}={getattr(self, name)!r} must be >= 1")
         for name in ("fine_tune_epochs", "fine_tune_layers", "early_stopping_patience",
-                     "reduce_lr_patience", "seed"):
+                     "reduce_lr_patience", "seed", "split_seed"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name}={getattr(self, name)!r} must be >= 0")
         for name in ("augment_rotation", "augment_shift", "augment_contrast"):

@@ -318,11 +318,10 @@ def run_sweep(options: SweepOptions, data=None, address: str | None = None):
     if not todo and not resuming:
         return leaderboard(options)
 
+    _check_one_data_source(todo or cells)
     connect_ray(address)
     if data is None:
-        data_settings = cells[0].settings if cells else Settings.from_dict(options.overrides)
-        _check_one_data_source(todo or cells)
-        data = load_cifar10(data_settings)
+        data = load_cifar10((todo or cells)[0].settings)
     trainable = tune.with_resources(tune.with_parameters(run_trial, data=data),
                                     lambda config: _placement(config))
     if resuming:
@@ -353,10 +352,10 @@ def run_sweep(options: SweepOptions, data=None, address: str | None = None):
 
 def _check_one_data_source(cells: list[Cell]) -> None:
     """The data set is loaded once per sweep: every cell must name the same data and limit."""
-    sources = {(c.settings.data, c.settings.limit, c.settings.seed,
+    sources = {(c.settings.data, c.settings.limit, c.settings.split_seed,
                 c.settings.validation_fraction) for c in cells}
     if len(sources) > 1:
-        raise SweepError("all trials of one sweep must share data, limit, seed and "
+        raise SweepError("all trials of one sweep must share data, limit, split_seed and "
                          f"validation_fraction (the data set is loaded once); got {sources}")
 
 
@@ -399,9 +398,9 @@ def record_unfinished(results, options: SweepOptions) -> None:
         history = _history(result)
         errored = result.error is not None
         checkpoint_uri = None
-        if result.checkpoint is not None:
+        if result.checkpoint is not None:  # Tune's copy of the trial's checkpoints/ folder
             checkpoint_uri = ("s3://" if storage.is_s3(options.storage) else "") + \
-                result.checkpoint.path
+                result.checkpoint.path + "/best"
         best = max(history, key=lambda m: m.get("val_accuracy", -math.inf), default={})
         record = TrialRecord(
             trial_id=meta["trial_id"], sweep=meta["sweep"], kind="tune", model=settings.model,

@@ -13,7 +13,8 @@ import pytest
 
 from cifar_core.records import TrialRecord
 from cifar_core.settings import Settings
-from cifar_core.sweep import SweepOptions, plan_cells, read_records, run_sweep
+from cifar_core.sweep import (SweepOptions, _check_one_data_source, plan_cells, read_records,
+                              run_sweep)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -109,6 +110,7 @@ def test_cells_are_validated_and_hashed_before_ray(tmp_path, image_folder):
     cells = plan_cells(opts, "abc123")
     assert len(cells) == 2 * (6 + 12) and len({c.trial_id for c in cells}) == len(cells)
     assert {c.settings.seed for c in cells} == {0, 1}
+    _check_one_data_source(cells)  # seeds vary, the data split does not: one load serves all
     assert plan_cells(opts, "abc123") == cells                 # stable ids
     assert plan_cells(opts, "def456")[0].digest != cells[0].digest  # code version counts
 
