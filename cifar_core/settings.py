@@ -218,6 +218,8 @@ class Settings:
                 f"fine_tune_epochs={self.fine_tune_epochs!r}: only {BACKBONE_MODELS} have a "
                 "backbone to fine-tune")
         self._check_weights()
+        if isinstance(self.data, str) and self.data != "keras" and not self.data.startswith("s3://"):
+            object.__setattr__(self, "data", os.path.abspath(self.data))  # as for the weights
 
     def _check_types(self) -> None:
         for f in dataclasses.fields(self):
@@ -253,6 +255,8 @@ class Settings:
             raise SettingsError(
                 f"backbone_weights={weights!r} is not 'imagenet', 'none', an s3:// URI or a "
                 "readable file")
+        # Ray workers run in other folders: a relative path would point elsewhere there.
+        object.__setattr__(self, "backbone_weights", os.path.abspath(weights))
 
 
 def add_settings_arguments(parser: Any, skip: tuple[str, ...] = ()) -> None:

@@ -298,6 +298,9 @@ def run_sweep(options: SweepOptions, data=None, address: str | None = None):
     from cifar_core.data import load_cifar10
     from cifar_core.provenance import git_commit, provenance
 
+    if not storage.is_s3(options.storage):
+        # Trials run in their own working folders: a relative path would land there.
+        options.storage = str(Path(options.storage).resolve())
     code_version = git_commit()
     cells = plan_cells(options, code_version)          # validates before anything starts
     options.s3_endpoint = storage.s3_endpoint(options.s3_endpoint)  # trials get the driver's
@@ -397,6 +400,11 @@ def record_unfinished(results, options: SweepOptions) -> None:
         settings = Settings.from_dict(result.config["cell"]["settings"])
         history = _history(result)
         errored = result.error is not None
+        if not errored and history and history[-1]["epoch"] >= settings.total_epochs:
+            # Ran every epoch yet left no record: not the scheduler's doing; say so.
+            errored, result_error = True, "trial ended without writing its record"
+        else:
+            result_error = str(result.error)[:2000] if errored else None
         checkpoint_uri = None
         if result.checkpoint is not None:  # Tune's copy of the trial's checkpoints/ folder
             checkpoint_uri = ("s3://" if storage.is_s3(options.storage) else "") + \
@@ -411,7 +419,7 @@ def record_unfinished(results, options: SweepOptions) -> None:
             best_val_accuracy=best.get("val_accuracy"), best_epoch=best.get("epoch"),
             wall_time_s=round(sum(m.get("epoch_time_s", 0.0) for m in history), 2),
             resources=meta["resources"], checkpoint_uri=checkpoint_uri, history=history,
-            error=str(result.error)[:2000] if errored else None, finished=_now())
+            error=result_error, finished=_now())
         storage.write_text(record_uri, record.to_json(), options.s3_endpoint)
 
 
