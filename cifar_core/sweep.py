@@ -194,12 +194,17 @@ def finished_trial_ids(sweep_uri: str, endpoint: str | None = None) -> set[str]:
 
 
 # ---------------------------------------------------------------------------- the trial
-def run_trial(config: dict, data) -> None:
-    """Tune function trainable: one cell, from its checkpoint if Tune is retrying it."""
+def run_trial(config: dict, data, cells: dict[str, dict]) -> None:
+    """Tune function trainable: one cell, from its checkpoint if Tune is retrying it.
+
+    ``config`` holds only the cell's id (so Tune's progress table stays readable); the cells
+    themselves travel once through the object store, like the data.
+    """
     from ray import tune
 
-    settings = Settings.from_dict(config["cell"]["settings"])
-    meta = config["cell"]["meta"]
+    cell = cells[config["trial_id"]]
+    settings = Settings.from_dict(cell["settings"])
+    meta = cell["meta"]
     if meta.get("s3_endpoint"):
         # The driver's S3 endpoint, for everything in this trial that talks to S3 (boto3 reads
         # it from the environment; weights and records go through it too).
@@ -325,22 +330,25 @@ def run_sweep(options: SweepOptions, data=None, address: str | None = None):
     connect_ray(address)
     if data is None:
         data = load_cifar10((todo or cells)[0].settings)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, data=data),
-                                    lambda config: _placement(config))
+    cell_configs = {cell.trial_id: _cell_config(cell, options) for cell in cells}
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, data=data, cells=cell_configs),
+        lambda config: _placement(cell_configs[config["trial_id"]]))
     if resuming:
+        # Same options as the interrupted run: its trials are looked up among these cells.
         print(f"cifar tune: resuming the interrupted sweep in {experiment_path}", flush=True)
         tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True,
                                    resume_errored=True, storage_filesystem=fs)
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space={"cell": tune.grid_search([_cell_config(c, options) for c in todo])},
+            param_space={"trial_id": tune.grid_search([cell.trial_id for cell in todo])},
             tune_config=tune.TuneConfig(
                 metric="val_accuracy", mode="max", scheduler=_scheduler(options, todo),
                 max_concurrent_trials=options.max_concurrent,
-                trial_name_creator=lambda trial: trial.config["cell"]["meta"]["trial_id"],
+                trial_name_creator=lambda trial: trial.config["trial_id"],
                 trial_dirname_creator=lambda trial: (
-                    f"{trial.config['cell']['meta']['trial_id']}_{trial.trial_id}")),
+                    f"{trial.config['trial_id']}_{trial.trial_id}")),
             run_config=tune.RunConfig(
                 name=options.name, storage_path=path, storage_filesystem=fs,
                 failure_config=tune.FailureConfig(max_failures=options.max_failures),
@@ -349,7 +357,7 @@ def run_sweep(options: SweepOptions, data=None, address: str | None = None):
                     checkpoint_score_order="max"),
                 verbose=1))
     results = tuner.fit()
-    record_unfinished(results, options)
+    record_unfinished(results, options, cell_configs)
     return leaderboard(options)
 
 
@@ -369,10 +377,10 @@ def _cell_config(cell: Cell, options: SweepOptions) -> dict:
                      "resources": options.trial_resources(cell.settings.model)}}
 
 
-def _placement(config: dict):
+def _placement(cell: dict):
     from ray import tune
 
-    resources = {k: v for k, v in config["cell"]["meta"]["resources"].items() if v}
+    resources = {k: v for k, v in cell["meta"]["resources"].items() if v}
     return tune.PlacementGroupFactory([resources])
 
 
@@ -387,17 +395,18 @@ def _scheduler(options: SweepOptions, cells: list[Cell]):
                          reduction_factor=3)
 
 
-def record_unfinished(results, options: SweepOptions) -> None:
+def record_unfinished(results, options: SweepOptions, cells: dict[str, dict]) -> None:
     """Write records for trials that did not write their own: scheduler-stopped or errored."""
     for result in results:
-        meta = result.config["cell"]["meta"]
+        cell = cells[result.config["trial_id"]]
+        meta = cell["meta"]
         trial_uri = storage.join_uri(options.sweep_uri, TRIALS_DIR, meta["trial_id"])
         record_uri = storage.join_uri(trial_uri, RECORD_FILE)
         if storage.exists(record_uri, options.s3_endpoint):
             existing = TrialRecord.from_json(storage.read_text(record_uri, options.s3_endpoint))
             if existing.status == COMPLETED:
                 continue
-        settings = Settings.from_dict(result.config["cell"]["settings"])
+        settings = Settings.from_dict(cell["settings"])
         history = _history(result)
         errored = result.error is not None
         if not errored and history and history[-1]["epoch"] >= settings.total_epochs:
