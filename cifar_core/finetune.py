@@ -159,6 +159,15 @@ def scale_learning_rate(settings: Settings, rule: str) -> Settings:
                             fine_tune_learning_rate=settings.fine_tune_learning_rate * factor)
 
 
+def check_xla(settings: Settings, options: "FinetuneOptions") -> None:
+    """XLA cannot compile the gradient all-reduce for CPU devices; say so before starting."""
+    if settings.xla and options.replicas > 1 and not options.gpus:
+        raise SettingsError(
+            f"xla=True with {options.replicas} CPU replicas: TensorFlow cannot compile the "
+            "all-reduce with XLA on CPU devices ('Collectives are not yet implemented for CPU "
+            "devices when compiling with XLA'); use XLA with GPU workers or a single worker")
+
+
 def check_global_batch(settings: Settings, replicas: int) -> None:
     """The global batch must split evenly, or replicas would weight their examples unequally."""
     if settings.batch_size % replicas:
@@ -185,6 +194,8 @@ def train_loop_per_worker(config: dict) -> None:
     strategy = make_strategy(context.get_world_size())  # before any other TensorFlow op runs
     replicas = strategy.num_replicas_in_sync if strategy is not None else 1
     data = ray.get(config["data"])
+    if config.get("scratch_dir"):
+        Path(config["scratch_dir"]).mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=f"cifar-finetune-rank{rank}-",
                                     dir=config.get("scratch_dir")))
     try:
@@ -271,11 +282,13 @@ def _starting_checkpoint(workdir: Path, init_from: str | None) -> Path | None:
 def connect(address: str | None = None, **init_kwargs: Any) -> None:
     """Join the cluster at ``address``/``RAY_ADDRESS``, else start a private local Ray.
 
-    A private Ray gets a GCS port chosen here, and ``RAY_ADDRESS`` naming it is in the
-    environment its processes inherit: Ray Train V2's PlacementGroupCleaner finds "its" cluster
-    through the state API, which without ``RAY_ADDRESS`` picks *any* Ray on the machine, and
-    when that is another user's it concludes our controller is dead and removes our workers'
-    placement group (seen here with several Ray instances on one host).
+    A private Ray gets a GCS port chosen here, ``RAY_ADDRESS`` naming it in the environment its
+    processes inherit, and its own dashboard (the state API's server): Ray Train V2's
+    PlacementGroupCleaner asks the state API whether our controller is alive, and without both
+    it asks *another* Ray on the same machine (the first one found, or whatever answers on
+    127.0.0.1:8265), is told the controller does not exist, and removes our workers' placement
+    group mid-run. Seen repeatedly on this shared development machine; a cluster with one Ray
+    per host is not affected.
     """
     import socket
 
@@ -298,7 +311,8 @@ def connect(address: str | None = None, **init_kwargs: Any) -> None:
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
     os.environ["RAY_ADDRESS"] = f"{host}:{port}"
     try:
-        ray.init(address="local", runtime_env={"env_vars": runtime_env_vars()}, **init_kwargs)
+        ray.init(address="local", runtime_env={"env_vars": runtime_env_vars()},
+                 **{**init_kwargs, "include_dashboard": True})
     except BaseException:
         os.environ.pop("RAY_ADDRESS", None)
         raise
@@ -350,6 +364,7 @@ def run_finetune(settings: Settings, options: FinetuneOptions, *, data=None,
     from cifar_core.provenance import git_commit, provenance
     settings = scale_learning_rate(settings, options.scale_learning_rate)
     check_global_batch(settings, options.replicas)
+    check_xla(settings, options)
     digest = settings_hash(settings, settings.data, git_commit())
     run_id = options.trial_id or trial_id(settings, digest)
     record_root = options.record_root or options.run_uri

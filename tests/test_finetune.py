@@ -26,7 +26,7 @@ import pytest
 import cifar_core  # noqa: F401  (selects tf_keras before TensorFlow loads)
 from cifar_core import storage
 from cifar_core.finetune import (FinetuneError, FinetuneOptions, check_global_batch,
-                                 finetune_trial, latest_report, run_finetune,
+                                 check_xla, finetune_trial, latest_report, run_finetune,
                                  scale_learning_rate)
 from cifar_core.records import TrialRecord
 from cifar_core.settings import Settings, SettingsError
@@ -57,8 +57,7 @@ def ray_cluster(tmp_path_factory, moto_endpoint):
     os.environ["CIFAR_FLEET_CACHE"] = str(tmp_path_factory.getbasetemp() / "cache")
     os.environ["AWS_ENDPOINT_URL"] = moto_endpoint
     temp_dir = tempfile.mkdtemp(prefix="cfft-", dir="/tmp")  # short: Ray's socket paths
-    connect(None, num_cpus=2, include_dashboard=False, _temp_dir=temp_dir,
-            log_to_driver=False)
+    connect(None, num_cpus=2, _temp_dir=temp_dir, log_to_driver=False)
     yield ray
     ray.shutdown()
     for name, value in saved.items():
@@ -142,6 +141,11 @@ def test_global_batch_and_learning_rate_rule():
         FinetuneOptions(storage="/tmp/x", name="x", scale_learning_rate="cubic")
     assert FinetuneOptions(storage="/s", name="x", num_workers=4, use_gpu=True,
                            gpus_per_worker=2).replicas == 8
+    xla = settings.replace(xla=True)
+    check_xla(xla, FinetuneOptions(storage="/s", name="x", num_workers=1))
+    check_xla(xla, FinetuneOptions(storage="/s", name="x", num_workers=2, use_gpu=True))
+    with pytest.raises(SettingsError, match="XLA on CPU devices"):
+        check_xla(xla, FinetuneOptions(storage="/s", name="x", num_workers=2))
 
 
 def test_job_rejects_bad_input_before_starting(tmp_path, capsys):
@@ -155,6 +159,7 @@ def test_job_rejects_bad_input_before_starting(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------- gradient sync
+@pytest.mark.slow
 def test_gradient_sync_two_workers_equal_one_worker_with_double_batch(
         ray_cluster, m4_data, tmp_path):
     """One SGD step: 2 workers x 35 images == 1 process x 70 images, from the same weights."""
@@ -194,6 +199,7 @@ def test_gradient_sync_two_workers_equal_one_worker_with_double_batch(
 
 
 # ---------------------------------------------------------------------------- Tune
+@pytest.mark.slow
 def test_runs_as_a_tune_trial_with_its_own_workers(ray_cluster, m4_data, s3_bucket, tmp_path):
     """A sweep cell trained by a 2-worker Train run inside a Tune trial; records go to s3."""
     from ray import tune
@@ -223,13 +229,13 @@ def test_runs_as_a_tune_trial_with_its_own_workers(ray_cluster, m4_data, s3_buck
 
 
 # ---------------------------------------------------------------------------- worker faults
-def _loop_killing_a_worker(marker: str, rank: int, epoch: int,
-                           registered_in: FinetuneOptions | None = None):
+def _loop_killing_a_worker(marker: str, rank: int, epoch: int, registered_in: FinetuneOptions):
     """The real worker loop, except that ``rank`` dies (os._exit) after reporting ``epoch``,
-    once (the marker file lets the restarted worker live). With ``registered_in`` it first
-    waits until that run's snapshot in storage holds the epoch's checkpoint (Ray Train's
-    controller collects reports by polling, every 2 s), so the death comes mid-way through the
-    next epoch; without, it dies at once, possibly before the controller has seen the report."""
+    once (the marker file lets the restarted worker live). It first waits until the run's
+    snapshot in storage holds that epoch's checkpoint, so the death comes while the other
+    worker trains the next epoch. (Ray Train's controller collects reports by polling, every
+    2 s: a worker dying within that window of a report makes the restart redo that epoch too,
+    so "at most one epoch lost" is the bound, the last reported checkpoint the usual case.)"""
 
     def loop(config: dict) -> None:
         import ray.train
@@ -244,7 +250,7 @@ def _loop_killing_a_worker(marker: str, rank: int, epoch: int,
                     and metrics.get("epoch") == epoch and "test_accuracy" not in metrics
                     and not os.path.exists(marker)):
                 deadline = time.time() + 120
-                while registered_in is not None and time.time() < deadline:
+                while time.time() < deadline:
                     latest = latest_report(registered_in)
                     if latest is not None and latest[1]["epoch"] >= epoch:
                         break
@@ -272,20 +278,6 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_cluster, m4_data, tmp_p
     # Epochs 1-2 ran in the first attempt; rank 1 died during epoch 3; the restart began at
     # the epoch-2 checkpoint: only the epoch in progress was lost.
     assert starts == {1: 0, 2: 0, 3: 2, 4: 2}
-
-
-@pytest.mark.slow
-def test_worker_killed_right_after_a_report_loses_at_most_one_epoch(ray_cluster, m4_data,
-                                                                    tmp_path):
-    settings = Settings.from_dict({**M4_SMALL, "data": m4_data.source, "num_epochs": 3})
-    options = _options(tmp_path, "racekill", max_failures=1)
-    result = run_finetune(settings, options, data=m4_data,
-                          train_loop=_loop_killing_a_worker(str(tmp_path / "killed"), 1, 2))
-    _check_record(result.record, epochs=3)
-    restart = _reports(options)[-1]["start_epoch"]
-    # Killed the instant epoch 2's report returned: the controller may not have collected that
-    # report yet (it polls), in which case epoch 2 is trained again; never more than that.
-    assert restart in (1, 2)
 
 
 @pytest.mark.slow
