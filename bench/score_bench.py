@@ -1,6 +1,6 @@
 """Benchmark: batch scoring on the 10,000 CIFAR-10 (JPEG) test images, three ways.
 
-    python bench/score_bench.py                       # M7 and M1, 3 repeats: ~25 min, 2 cores
+    python bench/score_bench.py                       # M7 and M1, 3 repeats: ~30-60 min, 2 cores
     python bench/score_bench.py --models M1 --repeats 1 --images 2000   # a quick look
 
 For each model (M7 = MobileNetV2 at 96 px with a random-init backbone, which times like the
@@ -13,16 +13,21 @@ trained one; M1 = the small baseline CNN), each repeat runs, in this order:
       own compiled function (uint8 -> ``preprocess_images`` -> model), which is what each
       predictor actor runs and so the ceiling for (c);
   (c) cifar score: the real job, ``python -m jobs.score DIR --model CKPT --out x.parquet``, in
-                  a fresh process (own local Ray). Reported two ways: the pipeline rate from
-                  the job's summary (files / seconds from pipeline start to last row written,
-                  actor start-up included) and the end-to-end rate (files / wall time of the
-                  whole command, Python and Ray start-up included).
+      a fresh process (own local Ray). Reported as the pipeline rate from the job's summary
+      (files / seconds from pipeline start to last row written, actor start-up included) and
+      end to end (files / wall time of the whole command, Python and Ray start-up included).
 
-Repeats are interleaved (a, b, c, a, b, c, ...) so background load on a shared machine hits
-all three alike. Writes results/bench-score.json and .md with provenance (machine, data,
-commit, repeats, median/min/max) and the per-stage split of (c) from the job's summary:
-list (driver wall time), read, decode+resize, predict (worker-seconds summed over rows),
-write (driver time spent writing).
+Every measurement records wall time *and* CPU time: (a) and (b) the benchmark process's own CPU
+time (all threads), (c) the summed user+system time of the job's whole process tree (driver,
+Ray's daemons, read/decode tasks, predictor actor; sampled from /proc every 0.25 s). On a shared
+machine wall-clock rates move with other people's load; CPU-seconds per image barely do, so
+the CPU columns are the steadier comparison. One extra ``cifar score --limit 256`` run per model
+measures the job's fixed start-up cost, so (c)'s per-image CPU can be split into fixed and
+per-image parts.
+
+Repeats are interleaved (a, b, c, a, b, c, ...) so background load hits all three alike.
+Writes results/bench-score.json and .md with provenance (machine, data, commit, repeats,
+median/min/max, load averages) and the per-stage split of (c) from the job's summary.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -45,6 +51,73 @@ import numpy as np  # noqa: E402
 import cifar_core  # noqa: E402,F401  (tf_keras before TensorFlow)
 
 DATA = "/work/data/cifar10/test"
+
+
+# ---------------------------------------------------------------------------- measuring
+class Timer:
+    """Wall and CPU time (this process, all threads) of a block, plus the load at its start."""
+
+    def __enter__(self):
+        self.load = os.getloadavg()[0]
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self.wall
+        self.cpu = time.process_time() - self.cpu
+        return False
+
+
+def _process_table() -> dict[int, tuple[int, float]]:
+    """pid -> (parent pid, user+system CPU seconds) for every process, from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                text = handle.read()
+        except OSError:
+            continue  # exited while we looked
+        fields = text[text.rindex(")") + 2:].split()  # after "(comm)": state, ppid, ...
+        table[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / ticks)
+    return table
+
+
+def run_tree(command: list[str], **kwargs) -> tuple[subprocess.CompletedProcess, float, float]:
+    """Run a command; (result, wall seconds, CPU seconds of it and all its descendants).
+
+    Descendants are sampled every 0.25 s (each pid's last value kept), so a process that lives
+    less than that may be missed; Ray's workers and daemons live for the whole job.
+    """
+    seen: dict[int, float] = {}
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, **kwargs)
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.25):
+            table = _process_table()
+            tree = {process.pid}
+            grew = True
+            while grew:  # close the set of descendants under parent links
+                new = {pid for pid, (parent, _) in table.items()
+                       if parent in tree and pid not in tree}
+                tree |= new
+                grew = bool(new)
+            for pid in tree & set(table):
+                seen[pid] = max(seen.get(pid, 0.0), table[pid][1])
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stdout, stderr = process.communicate()
+    wall = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    return result, wall, sum(seen.values())
 
 
 def make_checkpoint(model_id: str, folder: Path) -> Path:
@@ -68,20 +141,21 @@ def image_files(data: str, count: int | None) -> list[str]:
     return files
 
 
-def notebook_rate(model, input_size: int, files: list[str]) -> float:
+# ---------------------------------------------------------------------------- the three ways
+def notebook(model, input_size: int, files: list[str]) -> dict:
     """(a) The notebook's way: read, decode, one ``predict`` call per image."""
     from PIL import Image
 
     from cifar_core.data import preprocess_images
 
-    start = time.perf_counter()
-    for path in files:
-        image = np.asarray(Image.open(path).convert("RGB"))
-        model.predict(preprocess_images(image[None], input_size), verbose=0)
-    return len(files) / (time.perf_counter() - start)
+    with Timer() as timer:
+        for path in files:
+            image = np.asarray(Image.open(path).convert("RGB"))
+            model.predict(preprocess_images(image[None], input_size), verbose=0)
+    return measurement(len(files), timer)
 
 
-def keras_predict_rate(model, input_size: int, images: np.ndarray, batch_size: int) -> float:
+def keras_predict(model, input_size: int, images: np.ndarray, batch_size: int) -> dict:
     """(b) Keras ``model.predict`` on preloaded batches, preprocessed by tf.data per batch."""
     import tensorflow as tf
 
@@ -90,47 +164,53 @@ def keras_predict_rate(model, input_size: int, images: np.ndarray, batch_size: i
     dataset = tf.data.Dataset.from_tensor_slices(images).batch(batch_size).map(
         lambda batch: preprocess_images(batch, input_size)).prefetch(tf.data.AUTOTUNE)
     model.predict(dataset.take(1), verbose=0)  # build the predict function outside the timing
-    start = time.perf_counter()
-    model.predict(dataset, verbose=0)
-    return len(images) / (time.perf_counter() - start)
+    with Timer() as timer:
+        model.predict(dataset, verbose=0)
+    return measurement(len(images), timer)
 
 
-def bare_model_rate(predict, images: np.ndarray, batch_size: int) -> float:
+def bare_function(predict, images: np.ndarray, batch_size: int) -> dict:
     """(b) The scorer's own compiled predict function on preloaded uint8 batches."""
     predict(images[:batch_size])  # trace and warm up outside the timing
-    start = time.perf_counter()
-    for offset in range(0, len(images), batch_size):
-        predict(images[offset: offset + batch_size])
-    return len(images) / (time.perf_counter() - start)
+    with Timer() as timer:
+        for offset in range(0, len(images), batch_size):
+            predict(images[offset: offset + batch_size])
+    return measurement(len(images), timer)
 
 
 def score_job(checkpoint: Path, data: str, limit: int | None, batch_size: int,
               workdir: Path) -> dict:
-    """(c) ``cifar score`` in a fresh process; its summary plus the command's wall time."""
+    """(c) ``cifar score`` in a fresh process: its summary, wall time, process-tree CPU."""
     out = workdir / "scores.parquet"
     command = [sys.executable, "-m", "jobs.score", data, "--model", str(checkpoint),
                "--out", str(out), "--batch-size", str(batch_size), "--quiet",
                "--max-error-rate", "0"]
     if limit is not None:
         command += ["--limit", str(limit)]
-    start = time.perf_counter()
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
-                            env={**os.environ, "RAY_ADDRESS": ""})
-    wall = time.perf_counter() - start
+    load = os.getloadavg()[0]
+    result, wall, cpu = run_tree(command, cwd=REPO, env={**os.environ, "RAY_ADDRESS": ""})
     if result.returncode != 0:
         raise RuntimeError(f"cifar score failed ({result.returncode}):\n{result.stderr[-4000:]}")
     summary = json.loads((workdir / "scores.summary.json").read_text())
-    return {"pipeline_images_per_s": summary["images_per_s"],
-            "end_to_end_images_per_s": summary["files"] / wall, "wall_s": wall,
-            "pipeline_s": summary["pipeline_s"], "first_row_s": summary.get("first_row_s"),
-            "stage_s": summary["stage_s"], "files": summary["files"], "ok": summary["ok"]}
+    files = summary["files"]
+    return {"images": files, "wall_s": wall, "cpu_s": cpu, "load": load,
+            "images_per_s": files / summary["pipeline_s"],  # the pipeline rate
+            "end_to_end_images_per_s": files / wall, "cpu_ms_per_image": 1000 * cpu / files,
+            "pipeline_s": summary["pipeline_s"], "first_row_s": summary["first_row_s"],
+            "stage_s": summary["stage_s"], "ok": summary["ok"]}
+
+
+def measurement(images: int, timer: Timer) -> dict:
+    return {"images": images, "wall_s": timer.wall, "cpu_s": timer.cpu, "load": timer.load,
+            "images_per_s": images / timer.wall, "cpu_ms_per_image": 1000 * timer.cpu / images}
 
 
 def stats(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "values": values}
+            "values": [round(v, 4) for v in values]}
 
 
+# ---------------------------------------------------------------------------- one model
 def bench_model(model_id: str, args, workdir: Path) -> dict:
     from cifar_core.models import load_checkpoint_model
     from cifar_core.scoring import decode_image, make_predict_function
@@ -141,103 +221,131 @@ def bench_model(model_id: str, args, workdir: Path) -> dict:
     model = load_checkpoint_model(str(checkpoint / "model.keras"))
     predict = make_predict_function(model, settings.input_size)
     files = image_files(args.data, args.images)
-    images = np.stack([decode_image(Path(p).read_bytes()) for p in files])
+    bare = np.stack([decode_image(Path(p).read_bytes()) for p in files[: args.bare_images]])
     notebook_files = files[:: max(1, len(files) // args.notebook_images)][: args.notebook_images]
-    notebook_rate(model, settings.input_size, notebook_files[:5])  # warm-up
-    bare = images[: args.bare_images]
-    runs: dict[str, list] = {"notebook": [], "keras_predict": [], "bare_model": [],
+    notebook(model, settings.input_size, notebook_files[:5])  # warm-up
+    # The job's fixed cost (Python, TensorFlow and Ray start-up, model checks, actor start-up).
+    fixed = score_job(checkpoint, args.data, 256, args.batch_size, workdir)
+    runs: dict[str, list] = {"notebook": [], "keras_predict": [], "bare_function": [],
                              "score_job": []}
     for repeat in range(args.repeats):
-        runs["notebook"].append(notebook_rate(model, settings.input_size, notebook_files))
-        runs["keras_predict"].append(keras_predict_rate(model, settings.input_size, bare,
-                                                        args.batch_size))
-        runs["bare_model"].append(bare_model_rate(predict, bare, args.batch_size))
+        runs["notebook"].append(notebook(model, settings.input_size, notebook_files))
+        runs["keras_predict"].append(keras_predict(model, settings.input_size, bare,
+                                                   args.batch_size))
+        runs["bare_function"].append(bare_function(predict, bare, args.batch_size))
         runs["score_job"].append(score_job(checkpoint, args.data, args.images,
                                            args.batch_size, workdir))
-        print(f"{model_id} repeat {repeat + 1}: notebook {runs['notebook'][-1]:.1f}, keras "
-              f"predict {runs['keras_predict'][-1]:.1f}, bare {runs['bare_model'][-1]:.1f}, "
-              f"score pipeline "
-              f"{runs['score_job'][-1]['pipeline_images_per_s']:.1f} / end-to-end "
-              f"{runs['score_job'][-1]['end_to_end_images_per_s']:.1f} images/s", flush=True)
-    pipeline = [r["pipeline_images_per_s"] for r in runs["score_job"]]
-    stages = {name: statistics.median(r["stage_s"][name] for r in runs["score_job"])
-              for name in runs["score_job"][0]["stage_s"]}
+        print(f"{model_id} repeat {repeat + 1}: " + ", ".join(
+            f"{name} {r[-1]['images_per_s']:.1f}/s {r[-1]['cpu_ms_per_image']:.2f} CPU-ms"
+            for name, r in runs.items()), flush=True)
+
+    def summary(name: str, key: str) -> dict:
+        return stats([r[key] for r in runs[name]])
+
+    jobs = runs["score_job"]
     result = {
         "model": model_id, "input_size": settings.input_size,
         "backbone_weights": settings.backbone_weights if model_id in ("M5", "M7") else None,
-        "files": len(files), "notebook_images": len(notebook_files),
-        "bare_images": len(bare),
-        "notebook_images_per_s": stats(runs["notebook"]),
-        "keras_predict_images_per_s": stats(runs["keras_predict"]),
-        "bare_model_images_per_s": stats(runs["bare_model"]),
-        "score_pipeline_images_per_s": stats(pipeline),
-        "score_end_to_end_images_per_s": stats(
-            [r["end_to_end_images_per_s"] for r in runs["score_job"]]),
-        "score_first_row_s": stats([r["first_row_s"] or 0.0 for r in runs["score_job"]]),
-        # Rate once the first row is out (actor start-up excluded): what a long job sustains.
-        "score_steady_images_per_s": stats(
-            [r["files"] / max(r["pipeline_s"] - (r["first_row_s"] or 0.0), 1e-9)
-             for r in runs["score_job"]]),
-        "score_stage_s_median": stages,
-        "score_runs": runs["score_job"],
+        "files": len(files), "notebook_images": len(notebook_files), "bare_images": len(bare),
+        **{f"{name}_images_per_s": summary(name, "images_per_s") for name in runs},
+        **{f"{name}_cpu_ms_per_image": summary(name, "cpu_ms_per_image") for name in runs},
+        "score_job_end_to_end_images_per_s": summary("score_job", "end_to_end_images_per_s"),
+        "score_first_row_s": stats([r["first_row_s"] for r in jobs]),
+        # Approximate rate once the first rows are out (actor start-up excluded).
+        "score_after_first_row_images_per_s": stats(
+            [r["images"] / max(r["pipeline_s"] - r["first_row_s"], 1e-9) for r in jobs]),
+        "score_stage_s_median": {name: statistics.median(r["stage_s"][name] for r in jobs)
+                                 for name in jobs[0]["stage_s"]},
+        "fixed_cost_run": fixed,
+        "runs": runs,
     }
+    # CPU per image of (c) beyond the fixed cost: (CPU(N files) - CPU(256 files)) / (N - 256).
+    marginal = [(r["cpu_s"] - fixed["cpu_s"]) / (r["images"] - fixed["images"]) * 1000
+                for r in jobs]
+    result["score_job_marginal_cpu_ms_per_image"] = stats(marginal)
+
+    def median(name: str, key: str = "images_per_s") -> float:
+        return result[f"{name}_{key}"]["median"]
+
     result["ratios"] = {
-        "score_pipeline_over_notebook": statistics.median(pipeline) / statistics.median(
-            runs["notebook"]),
-        "score_pipeline_over_bare_model": statistics.median(pipeline) / statistics.median(
-            runs["bare_model"]),
-        "score_pipeline_over_keras_predict": statistics.median(pipeline) / statistics.median(
-            runs["keras_predict"]),
-        "score_end_to_end_over_bare_model": result["score_end_to_end_images_per_s"]["median"]
-        / statistics.median(runs["bare_model"]),
+        "wall_score_over_notebook": median("score_job") / median("notebook"),
+        "wall_score_over_keras_predict": median("score_job") / median("keras_predict"),
+        "wall_score_over_bare_function": median("score_job") / median("bare_function"),
+        # CPU efficiency: how many images (c) scores per CPU-second relative to the others.
+        "cpu_score_over_notebook": median("notebook", "cpu_ms_per_image")
+        / median("score_job", "cpu_ms_per_image"),
+        "cpu_score_over_bare_function": median("bare_function", "cpu_ms_per_image")
+        / median("score_job", "cpu_ms_per_image"),
+        "cpu_marginal_score_over_bare_function": median("bare_function", "cpu_ms_per_image")
+        / result["score_job_marginal_cpu_ms_per_image"]["median"],
     }
     return result
 
 
+# ---------------------------------------------------------------------------- report
 def markdown(report: dict) -> str:
     prov = report["provenance"]
     machine = prov["machine"]
+
+    def cell(s: dict, digits: int = 0) -> str:
+        return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
+
     lines = [
         "# Batch scoring benchmark (`bench/score_bench.py`)", "",
-        f"Data: the {report['files']} shared CIFAR-10 (JPEG) test images, `{report['data']}`. "
+        f"Data: the {report['files']} shared CIFAR-10 (JPEG) test images (`{report['data']}`). "
         f"Machine: {machine['cpus']} CPUs ({machine['cpu_model']}), GPUs: "
-        f"{machine['gpus'] or 'none'}; shared with other jobs (load average at start "
-        f"{report['load_average_start']}, at end {report['load_average_end']}). Commit "
-        f"`{prov['git_commit']}`, {prov['created']}. {report['repeats']} repeats, interleaved; "
-        f"images/s as median (min-max). Batch size {report['batch_size']}, one predictor "
-        "actor. Models are random-init (timing only).", "",
-        "| model | (a) notebook: predict per image | (b) Keras predict, preloaded batches | "
-        "(b) scorer's function, preloaded batches | (c) cifar score, pipeline | "
+        f"{machine['gpus'] or 'none'}, **shared with other jobs** (1-min load average "
+        f"{report['load_min']:.1f}-{report['load_max']:.1f} during the runs on "
+        f"{machine['cpus']} cores). Commit `{prov['git_commit']}`, {prov['created']}. "
+        f"{report['repeats']} repeats, interleaved; median (min-max). Batch size "
+        f"{report['batch_size']}, one predictor actor, random-init models (timing only). "
+        f"Command: `{report['command']}`.", "",
+        "Throughput, wall clock, images/s:", "",
+        "| model | (a) notebook: predict per image | (b) Keras predict, preloaded | "
+        "(b) scorer's function, preloaded | (c) cifar score, pipeline | "
         "(c) cifar score, end to end | (c)/(a) | (c)/(b) Keras | (c)/(b) function |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-
-    def cell(s: dict) -> str:
-        return f"{s['median']:.0f} ({s['min']:.0f}-{s['max']:.0f})"
-
     for r in report["models"]:
+        q = r["ratios"]
         lines.append(
-            f"| {r['model']} ({r['input_size']} px) | {cell(r['notebook_images_per_s'])} | "
-            f"{cell(r['keras_predict_images_per_s'])} | {cell(r['bare_model_images_per_s'])} | "
-            f"{cell(r['score_pipeline_images_per_s'])} | "
-            f"{cell(r['score_end_to_end_images_per_s'])} | "
-            f"{r['ratios']['score_pipeline_over_notebook']:.1f}x | "
-            f"{r['ratios']['score_pipeline_over_keras_predict']:.2f}x | "
-            f"{r['ratios']['score_pipeline_over_bare_model']:.2f}x |")
-    lines += ["", "Per-stage split of (c), median seconds over repeats (list and write: driver "
-              "wall time; read, decode+resize, predict: worker-seconds summed over files; "
-              "first row: pipeline start to first row written, which is mostly the predictor "
-              "actor's start-up):", "",
+            f"| {r['model']} ({r['input_size']} px) | {cell(r['notebook_images_per_s'], 1)} | "
+            f"{cell(r['keras_predict_images_per_s'])} | {cell(r['bare_function_images_per_s'])}"
+            f" | {cell(r['score_job_images_per_s'])} | "
+            f"{cell(r['score_job_end_to_end_images_per_s'])} | "
+            f"{q['wall_score_over_notebook']:.1f}x | {q['wall_score_over_keras_predict']:.2f}x"
+            f" | {q['wall_score_over_bare_function']:.2f}x |")
+    lines += [
+        "", "CPU time per image, ms (all threads; (c): the job's whole process tree, "
+        "start-up included; marginal: beyond the fixed cost of a 256-file run):", "",
+        "| model | (a) notebook | (b) Keras predict | (b) scorer's function | (c) cifar score | "
+        "(c) marginal | (c) fixed cost, CPU-s | CPU efficiency (c)/(a) | (c)/(b) function | "
+        "(c) marginal/(b) function |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["models"]:
+        q = r["ratios"]
+        lines.append(
+            f"| {r['model']} | {cell(r['notebook_cpu_ms_per_image'], 1)} | "
+            f"{cell(r['keras_predict_cpu_ms_per_image'], 2)} | "
+            f"{cell(r['bare_function_cpu_ms_per_image'], 2)} | "
+            f"{cell(r['score_job_cpu_ms_per_image'], 2)} | "
+            f"{cell(r['score_job_marginal_cpu_ms_per_image'], 2)} | "
+            f"{r['fixed_cost_run']['cpu_s']:.0f} | {q['cpu_score_over_notebook']:.1f}x | "
+            f"{q['cpu_score_over_bare_function']:.2f}x | "
+            f"{q['cpu_marginal_score_over_bare_function']:.2f}x |")
+    lines += ["", "Where (c)'s time goes, median seconds over repeats (list and write: driver "
+              "wall time; read, decode+resize, predict: worker-seconds summed over files; first "
+              "row: pipeline start to first row written, mostly the predictor actor's start-up "
+              "(TensorFlow import, model load, tracing)):", "",
               "| model | list | read | decode+resize | predict | write | first row | "
               "pipeline total | images/s after the first row |",
               "|---|---|---|---|---|---|---|---|---|"]
     for r in report["models"]:
         s = r["score_stage_s_median"]
-        total = statistics.median(run["pipeline_s"] for run in r["score_runs"])
-        lines.append(f"| {r['model']} | {s.get('list', 0):.2f} | {s.get('read', 0):.2f} | "
-                     f"{s.get('decode', 0):.2f} | {s.get('predict', 0):.2f} | "
-                     f"{s.get('write', 0):.2f} | {r['score_first_row_s']['median']:.1f} | "
-                     f"{total:.1f} | {cell(r['score_steady_images_per_s'])} |")
+        total = statistics.median(run["pipeline_s"] for run in r["runs"]["score_job"])
+        lines.append(f"| {r['model']} | {s['list']:.2f} | {s['read']:.2f} | {s['decode']:.2f} "
+                     f"| {s['predict']:.2f} | {s['write']:.2f} | "
+                     f"{r['score_first_row_s']['median']:.1f} | {total:.1f} | "
+                     f"{cell(r['score_after_first_row_images_per_s'])} |")
     lines += ["", "(a) uses " + ", ".join(f"{r['model']}: {r['notebook_images']}"
                                           for r in report["models"])
               + " images per repeat, (b) " + ", ".join(f"{r['model']}: {r['bare_images']}"
@@ -265,17 +373,17 @@ def main() -> int:
 
     from cifar_core.provenance import provenance
 
-    load_start = os.getloadavg()
+    started = provenance()  # the code as it was when the timings were taken
     with tempfile.TemporaryDirectory(prefix="score-bench-") as folder:
         models = [bench_model(m.strip(), args, Path(folder)) for m in args.models.split(",")]
+    loads = [run["load"] for r in models for name in r["runs"] for run in r["runs"][name]]
     report = {
         "benchmark": "batch scoring, issue 5", "data": args.data,
         "data_description": "CIFAR-10 (JPEG) test split, 32x32 JPEG files",
         "files": models[0]["files"], "repeats": args.repeats, "batch_size": args.batch_size,
-        "load_average_start": [round(v, 1) for v in load_start],
-        "load_average_end": [round(v, 1) for v in os.getloadavg()],
-        "command": " ".join([Path(sys.executable).name] + sys.argv),
-        "models": models, "notes": args.notes, "provenance": provenance(),
+        "load_min": min(loads), "load_max": max(loads),
+        "command": " ".join(["python"] + [os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
+        "models": models, "notes": args.notes, "provenance": started,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps(report, indent=1) + "\n")

@@ -450,6 +450,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
                              f"the cap of {max_pixels}: not decoded")
         try:
             orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+        except Exception:  # a damaged EXIF block does not make the pixels unusable
+            orientation = 1
+        try:
             image.draft("RGB", (DECODE_SIZE, DECODE_SIZE))  # JPEG: DCT downscale, >= 32 px
             image.load()
             rgb = _to_rgb(image)
@@ -545,6 +548,8 @@ class Predictor:
             tf.config.experimental.set_memory_growth(gpu, True)  # actors may share a GPU
         model_bytes = ray.get(model_ref) if isinstance(model_ref, ray.ObjectRef) else model_ref
         self.predict = make_predict_function(load_model_from_bytes(model_bytes), input_size)
+        # Trace the function now, so start-up cost is not billed to the first batch.
+        self.predict(np.zeros((1, DECODE_SIZE, DECODE_SIZE, 3), np.uint8))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         count = len(batch["path"])
