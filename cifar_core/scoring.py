@@ -449,17 +449,17 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
             raise ImageError("too large", f"{width}x{height} = {width * height} pixels exceeds "
                              f"the cap of {max_pixels}: not decoded")
         try:
-            orientation = image.getexif().get(EXIF_ORIENTATION, 1)
-        except Exception:  # a damaged EXIF block does not make the pixels unusable
-            orientation = 1
-        try:
             image.draft("RGB", (DECODE_SIZE, DECODE_SIZE))  # JPEG: DCT downscale, >= 32 px
-            image.load()
+            image.load()  # first: a failed load must surface here, not inside getexif()
             rgb = _to_rgb(image)
         except ImageError:
             raise
         except Exception as error:  # truncated data, bad checksums, decoder errors
             raise ImageError("corrupt image", _one_line(error)) from None
+        try:
+            orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+        except Exception:  # a damaged EXIF block does not make the pixels unusable
+            orientation = 1
     if rgb.size != (DECODE_SIZE, DECODE_SIZE):
         rgb = rgb.resize((DECODE_SIZE, DECODE_SIZE), Image.Resampling.BILINEAR)
     transpose = _orientation_transpose(orientation)

@@ -49,6 +49,14 @@ def png16(array: np.ndarray) -> bytes:
     return tf.io.encode_png(array.astype(np.uint16)).numpy()
 
 
+def corrupt_png() -> bytes:
+    """A PNG with a valid header whose compressed pixel data has 64 bytes zeroed."""
+    noise = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    data = bytearray(encode(noise))
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)
+    return bytes(data)
+
+
 def bomb_png(width: int, height: int) -> bytes:
     """A valid 1-bit PNG of zeros: a few kB on disk, width*height pixels once decoded."""
     def chunk(kind: bytes, data: bytes) -> bytes:
@@ -195,6 +203,7 @@ def test_decode_modes_sizes_and_orientation():
     (b"just some text\n", "not an image"),
     (encode(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))[:1500],
      "corrupt image"),
+    (corrupt_png(), "corrupt image"),
     (bomb_png(20_000, 20_000), "too large"),
 ])
 def test_decode_refuses_bad_input(data, kind):
@@ -388,10 +397,7 @@ def mixed_folder(tmp_path_factory) -> tuple[Path, dict[str, tuple[str, str]]]:
     }
     for name, data in files.items():
         (src / name).write_bytes(data)
-    # A corrupted PNG: valid header, flipped bytes inside the compressed pixel data.
-    corrupt = bytearray(encode(noise))
-    corrupt[len(corrupt) // 2: len(corrupt) // 2 + 64] = bytes(64)
-    (src / "corrupt.png").write_bytes(bytes(corrupt))
+    (src / "corrupt.png").write_bytes(corrupt_png())
     (outside / "secret.png").write_bytes(encode(rgb))
     os.mkfifo(outside / "pipe")  # if the escaping link below were ever opened, the job hangs
     (src / "link_outside.png").symlink_to(outside / "secret.png")
