@@ -171,9 +171,15 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--out", default=str(RESULTS / "bench-finetune"))
     parser.add_argument("--child-plain", help=argparse.SUPPRESS)  # internal: the plain arm
+    parser.add_argument("--render", metavar="JSON",
+                        help="Only rewrite the .md from an earlier run's .json.")
     args = parser.parse_args(argv)
     if args.child_plain:
         child_plain(args)
+        return 0
+    if args.render:
+        report = json.loads(Path(args.render).read_text())
+        Path(args.render).with_suffix(".md").write_text(markdown(report))
         return 0
 
     from cifar_core.data import load_cifar10
@@ -276,7 +282,32 @@ def markdown(report: dict) -> str:
     lines += ["", "An epoch interval runs from one epoch end to the next: the epoch's `fit` with "
               "validation, its checkpoint save and (Ray) the previous epoch's report and upload. "
               "The first epoch of each phase traces the graph and is left out.", ""]
+    lines += ["Reading: " + reading(report), ""]
     return "\n".join(lines)
+
+
+def reading(report: dict) -> str:
+    """What the table supports, in words: are the per-epoch differences within the noise?"""
+    summary = report["summary"]
+    overlapping = []
+    for phase in ("phase1", "phase2"):
+        for key in ("interval_s", "epoch_time_s"):
+            plain, ray_ = summary["plain"][phase][key], summary["ray"][phase][key]
+            overlapping.append(ray_["min"] <= plain["max"] and plain["min"] <= ray_["max"])
+    medians = [report["overhead"][f"{p}_{k}"]["median"] for p in ("phase1", "phase2")
+               for k in ("interval_s", "epoch_time_s")]
+    fixed = summary["ray"]["wall_s"]["median"] - summary["plain"]["wall_s"]["median"]
+    if all(overlapping):
+        verdict = (f"the per-epoch differences (medians {min(medians):+.0%} to "
+                   f"{max(medians):+.0%}) are inside the spread of either arm, so this machine "
+                   "cannot tell Ray Train's per-epoch cost from zero, nor confirm or refute a "
+                   "5% bound at this noise level")
+    else:
+        verdict = (f"per-epoch medians differ by {min(medians):+.0%} to {max(medians):+.0%}, "
+                   "outside the other arm's range for at least one figure")
+    return (f"{verdict}. Each run also pays a fixed cost of about {fixed:.0f} s (median) for "
+            "starting the worker, importing TensorFlow in it, passing the data through the "
+            "object store, reporting checkpoints and exporting the result.")
 
 
 if __name__ == "__main__":

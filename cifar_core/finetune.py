@@ -31,7 +31,9 @@ training function, ``cifar_core.train.train``, under ``MultiWorkerMirroredStrate
 - **Fault tolerance.** ``FailureConfig(max_failures)`` restarts the worker group from the
   last reported checkpoint after a worker dies; launching again with the same ``name`` and
   ``storage`` resumes the run (Train V2 reads ``checkpoint_manager_snapshot.json`` there).
-- **Output.** At the end, rank 0 has evaluated the best weights on the test set; the driver
+- **Output.** At the end every worker evaluates the best weights on the test set (evaluation
+  under the strategy is collective too; ``evaluate.py``'s accuracy from the gathered
+  predictions matches Keras's ``test_accuracy``, so the test order is kept), and the driver
   writes ``<record_root>/trials/<trial_id>/{trial.json, best/, metrics.jsonl}`` (records.py
   layout, ``kind="finetune"``), ``best/`` being the checkpoint format the scoring job reads.
 
