@@ -209,6 +209,15 @@ def run_trial(config: dict, data, cells: dict[str, dict]) -> None:
         # The driver's S3 endpoint, for everything in this trial that talks to S3 (boto3 reads
         # it from the environment; weights and records go through it too).
         os.environ["AWS_ENDPOINT_URL"] = meta["s3_endpoint"]
+    trial_uri = storage.join_uri(meta["sweep_uri"], TRIALS_DIR, meta["trial_id"])
+    record_uri = storage.join_uri(trial_uri, RECORD_FILE)
+    if storage.exists(record_uri, meta.get("s3_endpoint")):
+        finished = TrialRecord.from_json(storage.read_text(record_uri, meta.get("s3_endpoint")))
+        if finished.status == COMPLETED:
+            # A resumed sweep whose driver died after this trial saved its record but before
+            # Tune noted the trial as done: report the result again, do not run it again.
+            tune.report(finished.history[-1] if finished.history else {})
+            return
     _limit_threads()
     import tf_keras as keras
 
@@ -238,7 +247,6 @@ def run_trial(config: dict, data, cells: dict[str, dict]) -> None:
             str(Path(checkpoint_dir).parent)))
 
     result = train(settings, data, workdir, report=report, resume_from=resume_from)
-    trial_uri = storage.join_uri(meta["sweep_uri"], TRIALS_DIR, meta["trial_id"])
     best_uri = storage.join_uri(trial_uri, "best")
     storage.upload_tree(result.best_checkpoint, best_uri, meta.get("s3_endpoint"))
     evaluation = result.evaluation or {}
@@ -253,8 +261,7 @@ def run_trial(config: dict, data, cells: dict[str, dict]) -> None:
         evaluation=evaluation, provenance=json.loads(
             (result.best_checkpoint / "provenance.json").read_text()),
         finished=_now())
-    storage.write_text(storage.join_uri(trial_uri, RECORD_FILE), record.to_json(),
-                       meta.get("s3_endpoint"))
+    storage.write_text(record_uri, record.to_json(), meta.get("s3_endpoint"))
     if final_report:
         tune.report(final_report[-1], checkpoint=tune.Checkpoint.from_directory(
             str(result.last_checkpoint.parent)))

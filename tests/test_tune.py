@@ -149,7 +149,10 @@ def test_crashed_trial_is_retried_from_its_checkpoint(tmp_path, image_folder, ra
     def kill_trial_after_first_checkpoint():
         deadline = time.time() + 300
         while time.time() < deadline and not killed:
-            if list(Path(opts.sweep_uri).glob("M1-*/checkpoint_000000")):
+            # Kill once Tune's driver has taken in the first report (result.json has a line),
+            # so it knows the checkpoint; a kill before that restarts from scratch, rightly.
+            results = list(Path(opts.sweep_uri).glob("M1-*/result.json"))
+            if results and results[0].read_text().strip():
                 for pid in descendants(os.getpid()):
                     if cmdline(pid).startswith("ray::ImplicitFunc"):
                         os.kill(pid, signal.SIGKILL)  # a real crash of the trial's process
