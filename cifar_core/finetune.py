@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import cifar_core  # noqa: F401  (selects tf_keras before TensorFlow loads)
+from ray.tune.integration.ray_train import TuneReportCallback
 from cifar_core import storage
 from cifar_core.records import (COMPLETED, ERRORED, RECORD_FILE, TRIALS_DIR, TrialRecord,
                                 settings_hash, trial_id)
@@ -506,27 +507,52 @@ def _now() -> str:
 
 
 # ---------------------------------------------------------------------------- Tune
-def finetune_trial(config: dict, data=None) -> None:
+def finetune_trial(config: dict, data=None, cells: dict[str, dict] | None = None) -> None:
     """Ray Tune function trainable: one sweep cell trained by a multi-worker Ray Train run.
 
-    ``config["cell"]`` has the sweep's shape, ``{"settings": {...}, "meta": {...}}``, with
-    ``meta`` holding ``trial_id``, ``sweep``, ``sweep_uri`` and ``workers``: a dict of
-    ``FinetuneOptions`` fields (``num_workers``, ``use_gpu``, ``cpus_per_worker``,
-    ``gpus_per_worker``, ``max_failures``, ``scale_learning_rate``, ...). The Train run lives in
-    ``<sweep_uri>/finetune-<trial_id>/`` and resumes there when Tune retries the trial; every
-    epoch's metrics reach Tune (for its scheduler) through ``TuneReportCallback``; the record
-    and ``best/`` go to ``<sweep_uri>/trials/<trial_id>/`` like every other trial's. ``data``
-    (the sweep's ``tune.with_parameters`` arrays) is optional: without it the driver loads
-    ``settings.data``. The trial itself needs only a CPU: request ``{"CPU": 1}`` for it and
-    cap ``max_concurrent_trials`` by the GPUs (``total GPUs // (num_workers * gpus)``).
-    """
-    from ray.tune.integration.ray_train import TuneReportCallback
+    The cell is ``cells[config["trial_id"]]`` (the sweep passes ``cells`` and ``data`` with
+    ``tune.with_parameters``), or ``config["cell"]`` without ``cells``. A cell is
+    ``{"settings": {...}, "meta": {...}}``; ``meta`` holds ``trial_id``, ``sweep``,
+    ``sweep_uri``, optionally ``s3_endpoint``, and ``workers``: ``FinetuneOptions`` fields
+    (``num_workers``, ``use_gpu``, ``cpus_per_worker``, ``gpus_per_worker``,
+    ``max_failures``, ``scale_learning_rate``, ``keep_checkpoints``, ``scratch_dir``).
 
-    cell = config["cell"]
+    The Train run lives in ``<sweep_uri>/finetune-<trial_id>/`` and resumes from there when
+    Tune retries the trial. Each epoch's metrics reach Tune (for its scheduler) as Train
+    reports them, except the last epoch's: that one is reported after the record and
+    ``best/`` are in ``<sweep_uri>/trials/<trial_id>/``, together with test_accuracy, so a
+    scheduler stopping the trial at its last rung cannot lose them. ``data`` is optional:
+    without it the driver loads ``settings.data``. The trial itself is only the Train driver:
+    give it ``{"CPU": 1}`` and cap ``max_concurrent_trials`` by the GPUs,
+    ``total GPUs // (num_workers * gpus_per_worker)``.
+    """
+    from ray import tune
+
+    cell = cells[config["trial_id"]] if cells is not None else config["cell"]
     meta = cell["meta"]
+    if meta.get("s3_endpoint"):
+        os.environ["AWS_ENDPOINT_URL"] = meta["s3_endpoint"]  # workers inherit it (runtime_env)
     settings = Settings.from_dict(cell["settings"])
     options = FinetuneOptions(
         storage=meta["sweep_uri"], name=f"finetune-{meta['trial_id']}", resume=True,
         record_root=meta["sweep_uri"], trial_id=meta["trial_id"], sweep=meta.get("sweep"),
         **meta.get("workers", {}))
-    run_finetune(settings, options, data=data, callbacks=(TuneReportCallback(),))
+    result = run_finetune(settings, options, data=data,
+                          callbacks=(_TuneReport(hold_from_epoch=settings.total_epochs),))
+    record = result.record
+    tune.report({**record.history[-1], "test_accuracy": record.test_accuracy,
+                 "test_loss": record.test_loss})
+
+
+class _TuneReport(TuneReportCallback):
+    """Ray's Train-to-Tune bridge, holding back the last epoch's report and the final one."""
+
+    def __init__(self, hold_from_epoch: int):
+        super().__init__()
+        self.hold_from_epoch = hold_from_epoch
+
+    def after_report(self, run_context, metrics, checkpoint):
+        rank0 = metrics[0] if metrics else {}
+        if rank0.get("epoch", 0) >= self.hold_from_epoch or "test_accuracy" in rank0:
+            return
+        super().after_report(run_context, metrics, checkpoint)

@@ -204,24 +204,29 @@ def test_runs_as_a_tune_trial_with_its_own_workers(ray_cluster, m4_data, s3_buck
     """A sweep cell trained by a 2-worker Train run inside a Tune trial; records go to s3."""
     from ray import tune
 
-    settings = Settings.from_dict({**M4_SMALL, "data": m4_data.source, "num_epochs": 2})
+    settings = Settings.from_dict({**M4_SMALL, "data": m4_data.source, "num_epochs": 3})
     sweep_uri = f"s3://{s3_bucket}/sweeps/m7gpu"
-    cell = {"settings": settings.to_dict(),
-            "meta": {"trial_id": "M4-cell0", "sweep": "m7gpu", "sweep_uri": sweep_uri,
-                     "workers": {"num_workers": 2, "cpus_per_worker": 0.5,
-                                 "max_failures": 0, "scratch_dir": str(tmp_path)}}}
+    # The sweep's shape: config names the cell; cells and data come through the object store.
+    cells = {"M4-cell0": {
+        "settings": settings.to_dict(),
+        "meta": {"trial_id": "M4-cell0", "sweep": "m7gpu", "sweep_uri": sweep_uri,
+                 "workers": {"num_workers": 2, "cpus_per_worker": 0.5, "max_failures": 0,
+                             "scratch_dir": str(tmp_path)}}}}
     tuner = tune.Tuner(
-        tune.with_parameters(finetune_trial, data=m4_data),  # the trial itself takes 1 CPU
-        param_space={"cell": cell},
+        tune.with_parameters(finetune_trial, data=m4_data, cells=cells),  # trial: 1 CPU
+        param_space={"trial_id": "M4-cell0"},
         run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), name="sweep"))
     results = tuner.fit()
     assert results.errors == []
     frame = results[0].metrics_dataframe
-    assert list(frame["epoch"])[:2] == [1, 2]  # every epoch reached Tune (for ASHA)
-    assert "test_accuracy" in frame.columns
+    # Every epoch reached Tune (for its scheduler); the last one only after the record was
+    # written, with the test accuracy.
+    assert list(frame["epoch"]) == [1, 2, 3]
+    assert frame["test_accuracy"].isna().tolist() == [True, True, False]
     trial_uri = f"{sweep_uri}/trials/M4-cell0"
     record = TrialRecord.from_json(storage.read_text(f"{trial_uri}/trial.json"))
-    _check_record(record, epochs=2)
+    _check_record(record, epochs=3)
+    assert record.test_accuracy == frame["test_accuracy"].iloc[-1]
     assert record.sweep == "m7gpu" and record.resources["workers"] == 2
     assert record.checkpoint_uri == f"{trial_uri}/best"
     assert storage.exists(f"{trial_uri}/best/model.keras")
@@ -310,9 +315,9 @@ def _job(args: list[str], log: Path) -> subprocess.Popen:
 @pytest.mark.slow
 def test_m7_both_phases_survive_a_driver_kill(ray_cluster, image_folder, staged_weights,
                                               s3_bucket, tmp_path):
-    """M7 on 2 workers with s3:// weights and storage: the driver is SIGKILLed after the first
-    epoch, a new driver with --resume continues at the recorded phase and epoch, finishes both
-    phases and exports; phase 1 trains none of the backbone, phase 2 exactly its last 50
+    """M7 on 2 workers with s3:// weights and storage: the driver is SIGKILLed once phase 1 has
+    reported, a new driver with --resume continues at the recorded phase and epoch, trains
+    phase 2 and exports; phase 1 trains none of the backbone, phase 2 exactly its last 50
     layers."""
     from cifar_core.models import backbone_of, load_checkpoint_model
 
@@ -327,10 +332,11 @@ def test_m7_both_phases_survive_a_driver_kill(ray_cluster, image_folder, staged_
     options = _options(tmp_path, "m7", storage=store)
     log = tmp_path / "driver.log"
 
-    first = _job(args, log)
+    first = _job(args, log)  # 2 epochs of phase 1, 1 of phase 2
     try:
         deadline = time.time() + 600
-        while latest_report(options) is None:
+        # Killed once phase 1 is over: the new driver must start phase 2 at epoch 3.
+        while (latest_report(options) or (None, {"epoch": 0}))[1]["epoch"] < 2:
             assert first.poll() is None, log.read_text()[-3000:]
             assert time.time() < deadline, "no checkpoint within 10 minutes"
             time.sleep(1)
