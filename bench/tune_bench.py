@@ -1,10 +1,11 @@
 """Tuning benchmarks: ASHA vs the full grid, and Tune's overhead over the ideal.
 
     python bench/tune_bench.py asha --data DIR        # M4, 8 configs, 10k images, 8 epochs
+    python bench/tune_bench.py asha --data DIR --limit 3000   # what fit this session's time
     python bench/tune_bench.py overhead --data DIR    # 24 short M1 trials
 
-asha: the same M4 grid (4 learning rates x 2 dropout rates) run twice on a stratified 10,000-
-image subset of CIFAR-10 (JPEG), once in full and once under ASHA (grace 1 epoch, reduction
+asha: the same M4 grid (4 learning rates x 2 dropout rates) run twice on a stratified subset
+(--limit, default 10,000 images) of CIFAR-10 (JPEG), once in full and once under ASHA (grace 1 epoch, reduction
 factor 3), 2 trials at a time. Compares trial-epochs spent and the best val_accuracy found.
 Target: ASHA within 0.5 points of the grid's best with <= 1/3 of its trial-epochs.
 
@@ -42,7 +43,7 @@ def sweep(storage: str, name: str, grid: dict, data, **kwargs):
 
 
 def asha(args) -> None:
-    overrides = {"data": args.data, "limit": 10_000, "num_epochs": args.epochs}
+    overrides = {"data": args.data, "limit": args.limit, "num_epochs": args.epochs}
     data = load_cifar10(Settings.from_dict({"model": "M4", **overrides}))
     grid = {"M4": {"learning_rate": [3e-4, 1e-3, 3e-3, 1e-2], "dropout_rate": [0.3, 0.5]}}
     storage = tempfile.mkdtemp(prefix="bench-asha-")
@@ -66,7 +67,7 @@ def asha(args) -> None:
     verdict = {"gap_points": round(gap, 2), "epoch_share": round(share, 3),
                "meets_target": gap <= 0.5 and share <= 1 / 3}
     table = "\n".join([
-        "# ASHA vs full grid: M4, 8 configurations, 10,000 CIFAR-10 (JPEG) images, "
+        f"# ASHA vs full grid: M4, 8 configurations, {args.limit:,} CIFAR-10 (JPEG) images, "
         f"{args.epochs} epochs", "",
         "| | trials | trial-epochs | best val_accuracy | its test_accuracy | wall time (s) |",
         "|---|---|---|---|---|---|",
@@ -116,6 +117,7 @@ def main() -> None:
     parser.add_argument("which", choices=("asha", "overhead"))
     parser.add_argument("--data", required=True)
     parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--limit", type=int, default=10_000)
     args = parser.parse_args()
     {"asha": asha, "overhead": overhead}[args.which](args)
 
