@@ -72,6 +72,7 @@ class SweepOptions:
     use_gpu: bool = False
     resources: dict[str, dict[str, float]] = field(default_factory=dict)  # per-model overrides
     max_failures: int = 1
+    m7_workers: int = 1                         # >1: each M7 trial is a multi-worker Train run
     resume: bool = False
     s3_endpoint: str | None = None
     smoke_test: bool = False
@@ -81,6 +82,8 @@ class SweepOptions:
         return storage.join_uri(self.storage, self.name)
 
     def trial_resources(self, model: str) -> dict[str, float]:
+        if model == "M7" and self.m7_workers > 1:
+            return {"CPU": 1, "GPU": 0}  # only the Train driver; its workers ask for their own
         table = GPU_RESOURCES if self.use_gpu else CPU_RESOURCES
         return {**table[model], **self.resources.get(model, {})}
 
@@ -218,6 +221,11 @@ def run_trial(config: dict, data, cells: dict[str, dict]) -> None:
             # Tune noted the trial as done: report the result again, do not run it again.
             tune.report(finished.history[-1] if finished.history else {})
             return
+    if meta.get("workers"):
+        # M7 on several GPUs: this trial drives a Ray Train run (Tuner(trainer) is deprecated).
+        from cifar_core.finetune import finetune_trial
+
+        return finetune_trial(config, data=data, cells=cells)
     _limit_threads()
     import tf_keras as keras
 
@@ -384,10 +392,13 @@ def _check_one_data_source(cells: list[Cell]) -> None:
 
 
 def _cell_config(cell: Cell, options: SweepOptions) -> dict:
-    return {"settings": cell.settings.to_dict(),
-            "meta": {"trial_id": cell.trial_id, "digest": cell.digest, "sweep": options.name,
-                     "sweep_uri": options.sweep_uri, "s3_endpoint": options.s3_endpoint,
-                     "resources": options.trial_resources(cell.settings.model)}}
+    meta = {"trial_id": cell.trial_id, "digest": cell.digest, "sweep": options.name,
+            "sweep_uri": options.sweep_uri, "s3_endpoint": options.s3_endpoint,
+            "resources": options.trial_resources(cell.settings.model)}
+    if cell.settings.model == "M7" and options.m7_workers > 1:
+        meta["workers"] = {"num_workers": options.m7_workers, "use_gpu": options.use_gpu,
+                           "max_failures": options.max_failures}
+    return {"settings": cell.settings.to_dict(), "meta": meta}
 
 
 def _placement(cell: dict):

@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--resources", action="append", default=[], metavar="MODEL=CPU,GPU",
                      help="Per-model resources per trial, e.g. M7=8,1 or M1=1,0.25 "
                           "(repeatable).")
+    job.add_argument("--m7-workers", type=int, default=1,
+                     help="Run each M7 trial as a Ray Train run of N workers (one GPU each "
+                          "with --use-gpu), MultiWorkerMirroredStrategy.")
     job.add_argument("--max-failures", type=int, default=1,
                      help="Retries per trial after a crash, from its last checkpoint.")
     job.add_argument("--storage", default=DEFAULT_STORAGE,
@@ -87,8 +90,9 @@ def options_from_args(args: argparse.Namespace) -> SweepOptions:
 
     overrides = {k: v for k, v in vars(args).items()
                  if k in Settings.field_names() and v is not None}
-    if args.seeds < 1 or args.num_samples < 1 or args.epochs_scale <= 0:
-        raise SweepError("--seeds and --num-samples must be >= 1 and --epochs-scale > 0")
+    if args.seeds < 1 or args.num_samples < 1 or args.epochs_scale <= 0 or args.m7_workers < 1:
+        raise SweepError("--seeds, --num-samples and --m7-workers must be >= 1 and "
+                         "--epochs-scale > 0")
     return SweepOptions(
         name=args.name or ("smoke" if args.smoke_test else "ladder"), storage=args.storage,
         models=tuple(m.strip() for m in args.models.split(",") if m.strip()), grid=args.grid,
@@ -96,6 +100,7 @@ def options_from_args(args: argparse.Namespace) -> SweepOptions:
         epochs_scale=args.epochs_scale, scheduler=args.scheduler,
         max_concurrent=args.max_concurrent, use_gpu=args.use_gpu,
         resources=parse_resources(args.resources), max_failures=args.max_failures,
+        m7_workers=args.m7_workers,
         resume=args.resume, s3_endpoint=args.s3_endpoint, smoke_test=args.smoke_test)
 
 

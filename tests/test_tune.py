@@ -214,3 +214,21 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, image
     assert len(records) == 3 and {r.status for r in records} == {"completed"}
     after = {p.parent.name: p.stat().st_mtime_ns for p in trials.glob("*/trial.json")}
     assert {k: after[k] for k in before} == before  # finished trials were not run again
+
+
+@pytest.mark.slow
+def test_m7_trial_runs_as_a_multi_worker_train_run(tmp_path, image_folder):
+    # Its own Ray with 4 logical CPUs: the Tune trial (1) drives 2 Train workers (1 each).
+    script = ("import sys, ray, cifar_core; from cifar_core.provenance import runtime_env_vars;"
+              "ray.init(address='local', num_cpus=4, include_dashboard=False,"
+              " runtime_env={'env_vars': runtime_env_vars()});"
+              "from jobs.tune import main; sys.exit(main(sys.argv[1:]))")
+    done = subprocess.run(
+        [sys.executable, "-c", script, "--smoke-test", "--models", "M7", "--m7-workers", "2",
+         "--data", str(image_folder), "--storage", str(tmp_path), "--name", "m7"],
+        cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (record,) = read_records(str(tmp_path / "m7"))
+    assert record.kind == "finetune" and record.status == "completed"
+    assert [m["phase"] for m in record.history] == [1, 2]
+    assert record.test_accuracy is not None and (Path(record.checkpoint_uri) / "model.keras").exists()
