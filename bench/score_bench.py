@@ -85,13 +85,35 @@ def _process_table() -> dict[int, tuple[int, float]]:
     return table
 
 
-def run_tree(command: list[str], **kwargs) -> tuple[subprocess.CompletedProcess, float, float]:
-    """Run a command; (result, wall seconds, CPU seconds of it and all its descendants).
+def process_kind(pid: int, root: int) -> str:
+    """Which part of the job a process is, from its title (Ray retitles its workers)."""
+    if pid == root:
+        return "driver"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            title = handle.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+    if not title.strip():
+        return ""  # a zombie (exited, not yet reaped): keep the kind seen while it lived
+    for needle, kind in (("Predictor", "predictor actor"), ("read_files", "read+decode tasks"),
+                         ("raylet", "ray daemons"), ("gcs_server", "ray daemons"),
+                         ("ray::", "other ray workers")):
+        if needle in title:
+            return kind
+    return "ray daemons" if "ray" in title else "other"
+
+
+def run_tree(command: list[str], **kwargs
+             ) -> tuple[subprocess.CompletedProcess, float, float, dict[str, float]]:
+    """Run a command; (result, wall seconds, CPU seconds of it and all its descendants, the
+    same CPU split by kind of process).
 
     Descendants are sampled every 0.25 s (each pid's last value kept), so a process that lives
     less than that may be missed; Ray's workers and daemons live for the whole job.
     """
     seen: dict[int, float] = {}
+    kinds: dict[int, str] = {}
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, **kwargs)
@@ -109,6 +131,7 @@ def run_tree(command: list[str], **kwargs) -> tuple[subprocess.CompletedProcess,
                 grew = bool(new)
             for pid in tree & set(table):
                 seen[pid] = max(seen.get(pid, 0.0), table[pid][1])
+                kinds[pid] = process_kind(pid, process.pid) or kinds.get(pid, "other")
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -117,7 +140,10 @@ def run_tree(command: list[str], **kwargs) -> tuple[subprocess.CompletedProcess,
     done.set()
     sampler.join()
     result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
-    return result, wall, sum(seen.values())
+    by_kind: dict[str, float] = {}
+    for pid, cpu in seen.items():
+        by_kind[kinds.get(pid, "other")] = by_kind.get(kinds.get(pid, "other"), 0.0) + cpu
+    return result, wall, sum(seen.values()), by_kind
 
 
 def make_checkpoint(model_id: str, folder: Path) -> Path:
@@ -188,7 +214,8 @@ def score_job(checkpoint: Path, data: str, limit: int | None, batch_size: int,
     if limit is not None:
         command += ["--limit", str(limit)]
     load = os.getloadavg()[0]
-    result, wall, cpu = run_tree(command, cwd=REPO, env={**os.environ, "RAY_ADDRESS": ""})
+    result, wall, cpu, cpu_by_kind = run_tree(command, cwd=REPO,
+                                              env={**os.environ, "RAY_ADDRESS": ""})
     if result.returncode != 0:
         raise RuntimeError(f"cifar score failed ({result.returncode}):\n{result.stderr[-4000:]}")
     summary = json.loads((workdir / "scores.summary.json").read_text())
@@ -197,7 +224,8 @@ def score_job(checkpoint: Path, data: str, limit: int | None, batch_size: int,
             "images_per_s": files / summary["pipeline_s"],  # the pipeline rate
             "end_to_end_images_per_s": files / wall, "cpu_ms_per_image": 1000 * cpu / files,
             "pipeline_s": summary["pipeline_s"], "first_row_s": summary["first_row_s"],
-            "stage_s": summary["stage_s"], "ok": summary["ok"]}
+            "stage_s": summary["stage_s"], "ok": summary["ok"],
+            "cpu_s_by_process": {k: round(v, 2) for k, v in sorted(cpu_by_kind.items())}}
 
 
 def measurement(images: int, timer: Timer) -> dict:
@@ -346,6 +374,21 @@ def markdown(report: dict) -> str:
                      f"| {s['predict']:.2f} | {s['write']:.2f} | "
                      f"{r['score_first_row_s']['median']:.1f} | {total:.1f} | "
                      f"{cell(r['score_after_first_row_images_per_s'])} |")
+    if all("cpu_s_by_process" in run for r in report["models"]
+           for run in r["runs"]["score_job"]):
+        kinds = sorted({k for r in report["models"] for run in r["runs"]["score_job"]
+                        for k in run["cpu_s_by_process"]})
+        lines += ["", "CPU-seconds of (c) by process, median over repeats (driver: the "
+                  "`cifar score` process; other ray workers: Ray Data's own actors and idle "
+                  "workers):", "", "| model | " + " | ".join(kinds) + " | total |",
+                  "|---|" + "---|" * (len(kinds) + 1)]
+        for r in report["models"]:
+            runs = r["runs"]["score_job"]
+            cells = [statistics.median(run["cpu_s_by_process"].get(k, 0.0) for run in runs)
+                     for k in kinds]
+            total = statistics.median(run["cpu_s"] for run in runs)
+            lines.append(f"| {r['model']} | " + " | ".join(f"{c:.1f}" for c in cells)
+                         + f" | {total:.1f} |")
     lines += ["", "(a) uses " + ", ".join(f"{r['model']}: {r['notebook_images']}"
                                           for r in report["models"])
               + " images per repeat, (b) " + ", ".join(f"{r['model']}: {r['bare_images']}"
@@ -369,7 +412,15 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--out", default=str(REPO / "results" / "bench-score"))
     parser.add_argument("--notes", default="", help="A paragraph added to the .md.")
+    parser.add_argument("--render", metavar="JSON",
+                        help="Only rewrite the .md from an earlier run's JSON (with --notes).")
     args = parser.parse_args()
+    if args.render:
+        report = json.loads(Path(args.render).read_text())
+        report["notes"] = args.notes or report.get("notes", "")
+        Path(args.render).write_text(json.dumps(report, indent=1) + "\n")
+        Path(args.render).with_suffix(".md").write_text(markdown(report))
+        return 0
 
     from cifar_core.provenance import provenance
 

@@ -15,11 +15,17 @@ OUT (.csv or .parquet; ``--format both`` writes both) has one row per file: path
 predicted_class, confidence, top2_class, top2_confidence, top3_class, top3_confidence, status
 (ok/error), error. ``label`` appears when files sit in CIFAR-10 class folders or are named
 ``<class>_*``; then OUT's ``.summary.json`` also holds accuracy and the confusion matrix. A
-re-run replaces OUT (never appends). Without ``--address``/``RAY_ADDRESS`` the job starts its
-own local Ray. ``--smoke-test``: first 200 files, batches of 64, local Ray.
+re-run replaces OUT (never appends). Progress lines go to stderr; stdout ends with a summary
+line (files, ok, errors, images/s, output paths) and, when labels are known, the accuracy.
+
+Without ``--address``/``RAY_ADDRESS`` the job starts its own local Ray. On a multi-node cluster
+a local SRC must be on a filesystem every node mounts (use s3:// otherwise); the model travels
+to the actors through Ray's object store. ``--smoke-test``: first 200 files, batches of 64,
+local Ray.
 
 Exit codes:
-  0  every file scored, or the share of error rows is at most --max-error-rate
+  0  done; at most --max-error-rate (default 0.01) of the files are error rows
+  1  unexpected failure (traceback); the previous OUT, if any, is left as it was
   2  nothing scored: bad arguments, missing or empty SRC, OUT inside SRC, model missing,
      unreadable or refused (needs code: safe_mode=False is never used)
   3  output written, but more than --max-error-rate of the files are error rows
