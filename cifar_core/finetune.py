@@ -51,7 +51,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -365,6 +365,7 @@ def run_finetune(settings: Settings, options: FinetuneOptions, *, data=None,
 
     from cifar_core.data import load_cifar10
     from cifar_core.provenance import git_commit, provenance
+
     settings = scale_learning_rate(settings, options.scale_learning_rate)
     check_global_batch(settings, options.replicas)
     check_xla(settings, options)
@@ -390,11 +391,11 @@ def run_finetune(settings: Settings, options: FinetuneOptions, *, data=None,
         "data": data.summary(), "provenance": provenance()}, indent=1))
     trainer = build_trainer(settings, options, ray.put(data), callbacks=callbacks,
                             train_loop=train_loop)
-    earlier_time = _time_spent(previous)
+    earlier_time = _time_spent(previous, options)
     started = time.time()
     try:
         result = trainer.fit()
-    except Exception as error:  # ray.train.TrainingFailedError and what a dead driver raises
+    except Exception as error:  # ray.train.TrainingFailedError, or the cluster's own errors
         record = _errored_record(settings, options, run_id, digest, data, error,
                                  earlier_time + time.time() - started)
         storage.write_text(storage.join_uri(trial_uri, RECORD_FILE), record.to_json())
@@ -429,18 +430,23 @@ def _describe(previous: tuple[Any, dict] | None, options: FinetuneOptions) -> st
             f"(phase {metrics.get('phase')})")
 
 
-def _time_spent(previous: tuple[Any, dict] | None) -> float:
+def _time_spent(previous: tuple[Any, dict] | None, options: FinetuneOptions) -> float:
     """Seconds of training already in the checkpoint a re-launched run continues from."""
     if previous is None:
         return 0.0
-    with tempfile.TemporaryDirectory() as folder:
-        state = _read_state(previous[0], folder)
-    return sum(m.get("epoch_time_s", 0.0) for m in state.get("history", []))
+    history = _read_state(previous[0], options).get("history", [])
+    return sum(m.get("epoch_time_s", 0.0) for m in history)
 
 
-def _read_state(checkpoint, folder: str) -> dict:
-    local = Path(checkpoint.to_directory(folder))
-    return json.loads((local / "last" / "state.json").read_text())
+def _checkpoint_uri(checkpoint, options: FinetuneOptions) -> str:
+    """A reported checkpoint's folder as a URI of the run's storage (Ray strips "s3://")."""
+    return ("s3://" if storage.is_s3(options.storage) else "") + checkpoint.path
+
+
+def _read_state(checkpoint, options: FinetuneOptions) -> dict:
+    """A reported checkpoint's last/state.json, read in place (no model download)."""
+    return json.loads(storage.read_text(
+        storage.join_uri(_checkpoint_uri(checkpoint, options), "last", "state.json")))
 
 
 def _export(result, settings: Settings, options: FinetuneOptions, run_id: str, digest: str,
@@ -482,9 +488,8 @@ def _errored_record(settings: Settings, options: FinetuneOptions, run_id: str, d
     except Exception:  # the record of a failure must not fail on a half-written snapshot
         previous = None
     if previous is not None:
-        with tempfile.TemporaryDirectory() as folder:
-            history = _read_state(previous[0], folder).get("history", [])
-        checkpoint_uri = ("s3://" if storage.is_s3(options.storage) else "") + previous[0].path
+        history = _read_state(previous[0], options).get("history", [])
+        checkpoint_uri = _checkpoint_uri(previous[0], options)
     best = max(history, key=lambda m: m.get("val_accuracy", -math.inf), default={})
     return TrialRecord(
         trial_id=run_id, sweep=options.sweep or options.name, kind="finetune",

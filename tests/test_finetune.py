@@ -313,6 +313,7 @@ def _job(args: list[str], log: Path) -> subprocess.Popen:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # ~3 min on 2 quiet cores; 11 min seen with the machine at load 30
 def test_m7_both_phases_survive_a_driver_kill(ray_cluster, image_folder, staged_weights,
                                               s3_bucket, tmp_path):
     """M7 on 2 workers with s3:// weights and storage: the driver is SIGKILLed once phase 1 has
@@ -334,11 +335,11 @@ def test_m7_both_phases_survive_a_driver_kill(ray_cluster, image_folder, staged_
 
     first = _job(args, log)  # 2 epochs of phase 1, 1 of phase 2
     try:
-        deadline = time.time() + 600
+        deadline = time.time() + 900
         # Killed once phase 1 is over: the new driver must start phase 2 at epoch 3.
         while (latest_report(options) or (None, {"epoch": 0}))[1]["epoch"] < 2:
             assert first.poll() is None, log.read_text()[-3000:]
-            assert time.time() < deadline, "no checkpoint within 10 minutes"
+            assert time.time() < deadline, "phase 1 not reported within 15 minutes"
             time.sleep(1)
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # the driver's own session: only what we started
@@ -347,7 +348,7 @@ def test_m7_both_phases_survive_a_driver_kill(ray_cluster, image_folder, staged_
     assert at_kill["epoch"] < 3, "the run finished before the driver was killed"
 
     second = _job([*args, "--resume"], log)
-    assert second.wait(timeout=900) == 0, log.read_text()[-3000:]
+    assert second.wait(timeout=1200) == 0, log.read_text()[-3000:]
     output = log.read_text()
     assert f"after epoch {at_kill['epoch']} (phase {at_kill['phase']})" in output
 
