@@ -313,7 +313,7 @@ def _job(args: list[str], log: Path) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # ~3 min on 2 quiet cores; 11 min seen with the machine at load 30
+@pytest.mark.timeout(1800)  # 3 min seen at load average 10 on 2 cores, 11 min at load 30
 def test_m7_both_phases_survive_a_driver_kill(ray_cluster, image_folder, staged_weights,
                                               s3_bucket, tmp_path):
     """M7 on 2 workers with s3:// weights and storage: the driver is SIGKILLed once phase 1 has
