@@ -345,7 +345,12 @@ def run_sweep(options: SweepOptions, data=None, address: str | None = None):
         return leaderboard(options)
 
     _check_one_data_source(todo or cells)
-    connect_ray(address)
+    if options.m7_workers > 1 and any(c.settings.model == "M7" for c in todo):
+        from cifar_core.finetune import connect  # Ray Train needs its private Ray pinned
+
+        connect(address)
+    else:
+        connect_ray(address)
     if data is None:
         data = load_cifar10((todo or cells)[0].settings)
     cell_configs = {cell.trial_id: _cell_config(cell, options) for cell in cells}

@@ -219,9 +219,8 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, image
 @pytest.mark.slow
 def test_m7_trial_runs_as_a_multi_worker_train_run(tmp_path, image_folder):
     # Its own Ray with 4 logical CPUs: the Tune trial (1) drives 2 Train workers (1 each).
-    script = ("import sys, ray, cifar_core; from cifar_core.provenance import runtime_env_vars;"
-              "ray.init(address='local', num_cpus=4, include_dashboard=False,"
-              " runtime_env={'env_vars': runtime_env_vars()});"
+    script = ("import sys, cifar_core; from cifar_core.finetune import connect;"
+              "connect(None, num_cpus=4);"
               "from jobs.tune import main; sys.exit(main(sys.argv[1:]))")
     done = subprocess.run(
         [sys.executable, "-c", script, "--smoke-test", "--models", "M7", "--m7-workers", "2",
