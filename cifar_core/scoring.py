@@ -42,6 +42,7 @@ import io
 import json
 import os
 import stat
+import sys
 import tempfile
 import time
 import warnings
@@ -925,7 +926,20 @@ def start_ray(address: str | None = None) -> bool:
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     kwargs: dict[str, Any] = dict(address=address, runtime_env={"env_vars": runtime_env_vars()},
                                   log_to_driver=True)
-    if address == "local":
-        kwargs["include_dashboard"] = False
-    ray.init(**kwargs)
+    if address != "local":
+        ray.init(**kwargs)
+        return True
+    kwargs["include_dashboard"] = False
+    for attempt in (1, 2):
+        try:
+            ray.init(**kwargs)
+            return True
+        except Exception as error:
+            # On a loaded machine the raylet can give up on its dashboard agent after a fixed
+            # 15 s (ray-project/ray#65983); a fresh local start usually succeeds.
+            ray.shutdown()
+            if attempt == 2:
+                raise
+            print(f"cifar: local Ray failed to start ({_one_line(error)}); retrying once",
+                  file=sys.stderr, flush=True)
     return True

@@ -120,9 +120,17 @@ def ray_module():
     if ray.is_initialized():
         yield ray
         return
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _temp_dir=tempfile.mkdtemp(prefix="cfscore-", dir="/tmp"),
-             runtime_env={"env_vars": runtime_env_vars()})
+    for attempt in (1, 2):
+        try:
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                     _temp_dir=tempfile.mkdtemp(prefix="cfscore-", dir="/tmp"),
+                     runtime_env={"env_vars": runtime_env_vars()})
+            break
+        except Exception:
+            # A loaded machine can make the raylet give up on its agent (ray#65983): retry once.
+            ray.shutdown()
+            if attempt == 2:
+                raise
     yield ray
     ray.shutdown()
 
