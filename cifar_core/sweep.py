@@ -235,6 +235,8 @@ def run_trial(config: dict, data, cells: dict[str, dict]) -> None:
     workdir = Path(tempfile.mkdtemp(prefix=f"{meta['trial_id']}-"))
     resume_from, earlier_time = None, 0.0
     checkpoint = tune.get_checkpoint()
+    if checkpoint is None and meta.get("resume"):
+        checkpoint = _latest_earlier_checkpoint(meta)
     if checkpoint is not None:  # a retry after a crash, or a resumed sweep
         resume_from = Path(checkpoint.to_directory(str(workdir / "resume"))) / "last"
         earlier_time = sum(m.get("epoch_time_s", 0.0)
@@ -273,6 +275,30 @@ def run_trial(config: dict, data, cells: dict[str, dict]) -> None:
     if final_report:
         tune.report(final_report[-1], checkpoint=tune.Checkpoint.from_directory(
             str(result.last_checkpoint.parent)))
+
+
+def _latest_earlier_checkpoint(meta: dict):
+    """The newest checkpoint an earlier attempt of this cell left in the sweep's storage."""
+    import pyarrow.fs
+    from ray import tune
+
+    fs, path = storage.filesystem(meta["sweep_uri"], meta.get("s3_endpoint"))
+    selector = pyarrow.fs.FileSelector(path, allow_not_found=True)
+    newest, newest_epoch = None, -1
+    for trial_dir in fs.get_file_info(selector):
+        if not trial_dir.base_name.startswith(meta["trial_id"] + "_"):
+            continue
+        for entry in fs.get_file_info(pyarrow.fs.FileSelector(trial_dir.path)):
+            state = f"{entry.path}/last/state.json"
+            if (entry.base_name.startswith("checkpoint_")
+                    and fs.get_file_info(state).type == pyarrow.fs.FileType.File):
+                with fs.open_input_stream(state) as stream:
+                    epoch = json.loads(stream.read())["epoch"]
+                if epoch > newest_epoch:
+                    newest, newest_epoch = entry.path, epoch
+    if newest is None:
+        return None
+    return tune.Checkpoint(newest, filesystem=fs)
 
 
 def _limit_threads() -> None:
@@ -339,10 +365,13 @@ def run_sweep(options: SweepOptions, data=None, address: str | None = None):
         "provenance": provenance()}, indent=1, default=str), options.s3_endpoint)
 
     fs, path = storage.pyarrow_filesystem(options.storage, options.s3_endpoint)
-    experiment_path = f"{'s3://' if storage.is_s3(options.storage) else ''}{path}/{options.name}"
-    resuming = options.resume and tune.Tuner.can_restore(experiment_path, storage_filesystem=fs)
-    if not todo and not resuming:
+    if not todo:
         return leaderboard(options)
+    if options.resume:
+        # Tuner.restore hangs in this Ray when the driver died before its search state was
+        # saved; instead the unfinished cells run again and each starts from the newest
+        # checkpoint an earlier attempt left in the sweep's storage.
+        print(f"cifar tune: resuming the interrupted sweep in {sweep_uri}", flush=True)
 
     _check_one_data_source(todo or cells)
     if options.m7_workers > 1 and any(c.settings.model == "M7" for c in todo):
@@ -357,31 +386,25 @@ def run_sweep(options: SweepOptions, data=None, address: str | None = None):
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, data=data, cells=cell_configs),
         lambda config: _placement(cell_configs[config["trial_id"]]))
-    if resuming:
-        # Same options as the interrupted run: its trials are looked up among these cells.
-        print(f"cifar tune: resuming the interrupted sweep in {experiment_path}", flush=True)
-        tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True,
-                                   resume_errored=True, storage_filesystem=fs)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"trial_id": tune.grid_search([cell.trial_id for cell in todo])},
-            tune_config=tune.TuneConfig(
-                metric="val_accuracy", mode="max", scheduler=_scheduler(options, todo),
-                max_concurrent_trials=options.max_concurrent,
-                # A new process per trial pays Ray's actor start and TensorFlow's import
-                # (~5-10 s) every time; reusing it keeps short trials cheap.
-                reuse_actors=True,
-                trial_name_creator=lambda trial: trial.config["trial_id"],
-                trial_dirname_creator=lambda trial: (
-                    f"{trial.config['trial_id']}_{trial.trial_id}")),
-            run_config=tune.RunConfig(
-                name=options.name, storage_path=path, storage_filesystem=fs,
-                failure_config=tune.FailureConfig(max_failures=options.max_failures),
-                checkpoint_config=tune.CheckpointConfig(
-                    num_to_keep=2, checkpoint_score_attribute="val_accuracy",
-                    checkpoint_score_order="max"),
-                verbose=1))
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"trial_id": tune.grid_search([cell.trial_id for cell in todo])},
+        tune_config=tune.TuneConfig(
+            metric="val_accuracy", mode="max", scheduler=_scheduler(options, todo),
+            max_concurrent_trials=options.max_concurrent,
+            # A new process per trial pays Ray's actor start and TensorFlow's import
+            # (~5-10 s) every time; reusing it keeps short trials cheap.
+            reuse_actors=True,
+            trial_name_creator=lambda trial: trial.config["trial_id"],
+            trial_dirname_creator=lambda trial: (
+                f"{trial.config['trial_id']}_{trial.trial_id}")),
+        run_config=tune.RunConfig(
+            name=options.name, storage_path=path, storage_filesystem=fs,
+            failure_config=tune.FailureConfig(max_failures=options.max_failures),
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute="val_accuracy",
+                checkpoint_score_order="max"),
+            verbose=1))
     results = tuner.fit()
     record_unfinished(results, options, cell_configs)
     return leaderboard(options)
@@ -399,7 +422,8 @@ def _check_one_data_source(cells: list[Cell]) -> None:
 def _cell_config(cell: Cell, options: SweepOptions) -> dict:
     meta = {"trial_id": cell.trial_id, "digest": cell.digest, "sweep": options.name,
             "sweep_uri": options.sweep_uri, "s3_endpoint": options.s3_endpoint,
-            "resources": options.trial_resources(cell.settings.model)}
+            "resources": options.trial_resources(cell.settings.model),
+            "resume": options.resume}
     if cell.settings.model == "M7" and options.m7_workers > 1:
         meta["workers"] = {"num_workers": options.m7_workers, "use_gpu": options.use_gpu,
                            "max_failures": options.max_failures}
