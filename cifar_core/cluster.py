@@ -12,7 +12,7 @@ would launch and terminate EC2 instances. The cluster gets its own ports, its ow
 ``--temp-dir`` and its own token (token authentication on, as on AWS), so it never meets
 another Ray on the machine. Stopping finds its processes by a marker variable every one of
 them inherits from ``ray start`` (job drivers included, though Ray starts them in sessions of
-their own) and signals exactly those pids; never ``ray stop``. Linux only (reads /proc).
+their own) and signals exactly those pids, never a machine-wide Ray stop. Linux only (reads /proc).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ Exit codes:
   0  done; at most --max-error-rate (default 0.01) of the files are error rows
   1  unexpected failure (traceback); the previous OUT, if any, is left as it was
   2  nothing scored: bad arguments, missing or empty SRC, OUT inside SRC, model missing,
-     unreadable or refused (needs code: safe_mode=False is never used)
+     unreadable or refused (needs code: models always load with safe_mode on)
   3  output written, but more than --max-error-rate of the files are error rows
 """
 
