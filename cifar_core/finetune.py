@@ -237,9 +237,9 @@ def make_strategy(world_size: int):
     """
     import tensorflow as tf
 
-    from cifar_core.train import configure_gpus
+    from cifar_core.train import configure_gpus, limit_threads_to_ray_cpus
 
-    _limit_threads()
+    limit_threads_to_ray_cpus()
     configure_gpus()
     local_gpus = len(tf.config.list_physical_devices("GPU"))
     if world_size > 1:
@@ -250,18 +250,6 @@ def make_strategy(world_size: int):
     return None  # one worker, one device: plain fit, no collective overhead
 
 
-def _limit_threads() -> None:
-    """Size TensorFlow's thread pools to the CPUs Ray gave this worker (no oversubscription)."""
-    import ray
-    import tensorflow as tf
-
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
-    if cpus:
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(max(1, int(cpus)))
-            tf.config.threading.set_inter_op_parallelism_threads(max(1, int(cpus)))
-        except RuntimeError:
-            pass  # TensorFlow already initialised in this process; its setting stands
 
 
 def _starting_checkpoint(workdir: Path, init_from: str | None) -> Path | None:

@@ -226,11 +226,12 @@ def run_trial(config: dict, data, cells: dict[str, dict]) -> None:
         from cifar_core.finetune import finetune_trial
 
         return finetune_trial(config, data=data, cells=cells)
-    _limit_threads()
     import tf_keras as keras
 
+    from cifar_core.train import TrainState, limit_threads_to_ray_cpus, train
+
+    limit_threads_to_ray_cpus()
     keras.backend.clear_session()  # a reused process: drop the previous trial's graphs
-    from cifar_core.train import TrainState, train
 
     workdir = Path(tempfile.mkdtemp(prefix=f"{meta['trial_id']}-"))
     resume_from, earlier_time = None, 0.0
@@ -301,18 +302,6 @@ def _latest_earlier_checkpoint(meta: dict):
     return tune.Checkpoint(newest, filesystem=fs)
 
 
-def _limit_threads() -> None:
-    """Keep TensorFlow to the CPUs Tune gave this trial, so packed trials don't thrash."""
-    import ray
-    import tensorflow as tf
-
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
-    if cpus:
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(max(1, int(cpus)))
-            tf.config.threading.set_inter_op_parallelism_threads(max(1, int(cpus)))
-        except RuntimeError:
-            pass  # TensorFlow already initialised in this worker; its setting stands
 
 
 def _now() -> str:

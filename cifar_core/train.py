@@ -119,6 +119,21 @@ def configure_gpus() -> None:
             pass  # already initialised in this process; the first call's setting stands
 
 
+def limit_threads_to_ray_cpus() -> None:
+    """Size TensorFlow's thread pools to the CPUs Ray gave this process, so trials and workers
+    packed on one machine do not oversubscribe it. Call before TensorFlow runs anything."""
+    import ray
+    import tensorflow as tf
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    if cpus:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(max(1, int(cpus)))
+            tf.config.threading.set_inter_op_parallelism_threads(max(1, int(cpus)))
+        except RuntimeError:
+            pass  # TensorFlow already initialised in this process; its setting stands
+
+
 def train(settings: Settings, data: Cifar10, workdir: str | Path, *,
           report: ReportFn | None = None, resume_from: str | Path | None = None,
           strategy: Any = None, evaluate_test: bool = True, verbose: int | str = 2
