@@ -131,7 +131,10 @@ def run_tree(command: list[str], **kwargs
                 grew = bool(new)
             for pid in tree & set(table):
                 seen[pid] = max(seen.get(pid, 0.0), table[pid][1])
-                kinds[pid] = process_kind(pid, process.pid) or kinds.get(pid, "other")
+                kind = process_kind(pid, process.pid)
+                # Ray retitles a worker "ray::IDLE" between tasks: keep the specific kind.
+                if kind and (kind != "other ray workers" or pid not in kinds):
+                    kinds[pid] = kind
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -379,8 +382,10 @@ def markdown(report: dict) -> str:
         kinds = sorted({k for r in report["models"] for run in r["runs"]["score_job"]
                         for k in run["cpu_s_by_process"]})
         lines += ["", "CPU-seconds of (c) by process, median over repeats (driver: the "
-                  "`cifar score` process; other ray workers: Ray Data's own actors and idle "
-                  "workers):", "", "| model | " + " | ".join(kinds) + " | total |",
+                  "`cifar score` process; other ray workers: Ray Data's own actors, idle "
+                  "workers, and read+decode workers never sampled while running a task, "
+                  "as Ray retitles them IDLE in between):", "",
+                  "| model | " + " | ".join(kinds) + " | total |",
                   "|---|" + "---|" * (len(kinds) + 1)]
         for r in report["models"]:
             runs = r["runs"]["score_job"]
