@@ -85,6 +85,10 @@ def _process_table() -> dict[int, tuple[int, float]]:
     return table
 
 
+KIND_RANK = {"other": 0, "ray daemons": 1, "other ray workers": 2, "read+decode tasks": 3,
+             "predictor actor": 3, "driver": 3}
+
+
 def process_kind(pid: int, root: int) -> str:
     """Which part of the job a process is, from its title (Ray retitles its workers)."""
     if pid == root:
@@ -132,8 +136,9 @@ def run_tree(command: list[str], **kwargs
             for pid in tree & set(table):
                 seen[pid] = max(seen.get(pid, 0.0), table[pid][1])
                 kind = process_kind(pid, process.pid)
-                # Ray retitles a worker "ray::IDLE" between tasks: keep the specific kind.
-                if kind and (kind != "other ray workers" or pid not in kinds):
+                # A worker starts as a plain python process and Ray retitles it "ray::IDLE"
+                # between tasks: keep the most specific kind it was ever seen as.
+                if kind and KIND_RANK[kind] >= KIND_RANK.get(kinds.get(pid, ""), -1):
                     kinds[pid] = kind
 
     sampler = threading.Thread(target=sample, daemon=True)
