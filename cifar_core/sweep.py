@@ -68,6 +68,11 @@ class SweepOptions:
     num_samples: int = 1
     epochs_scale: float = 1.0
     scheduler: str = "none"                     # "none" or "asha"
+    # ASHA: first cut after grace_period epochs, then keep the best 1/reduction_factor at each
+    # rung. Ray's own defaults; a factor of 4 cuts harder than 3, which on grids of a dozen
+    # cells is what keeps ASHA under a third of the grid's epochs (results/bench-tune-asha.md).
+    grace_period: int = 1
+    reduction_factor: int = 4
     max_concurrent: int | None = None
     use_gpu: bool = False
     resources: dict[str, dict[str, float]] = field(default_factory=dict)  # per-model overrides
@@ -344,6 +349,9 @@ def run_sweep(options: SweepOptions, data=None, address: str | None = None):
     options.s3_endpoint = storage.s3_endpoint(options.s3_endpoint)  # trials get the driver's
     if options.scheduler not in ("none", "asha"):
         raise SweepError(f"--scheduler {options.scheduler!r} must be 'none' or 'asha'")
+    if options.grace_period < 1 or options.reduction_factor < 2:
+        raise SweepError(f"--grace-period {options.grace_period} must be >= 1 and "
+                         f"--reduction-factor {options.reduction_factor} >= 2")
     sweep_uri = options.sweep_uri
     done = finished_trial_ids(sweep_uri, options.s3_endpoint)
     todo = [cell for cell in cells if cell.trial_id not in done]
@@ -433,8 +441,9 @@ def _scheduler(options: SweepOptions, cells: list[Cell]):
 
     max_epochs = max(c.settings.total_epochs for c in cells)
     # Judge trials by epochs done (not by report count): a resumed trial keeps its epoch number.
-    return ASHAScheduler(time_attr="epoch", max_t=max_epochs, grace_period=1,
-                         reduction_factor=3)
+    return ASHAScheduler(time_attr="epoch", max_t=max_epochs,
+                         grace_period=options.grace_period,
+                         reduction_factor=options.reduction_factor)
 
 
 def record_unfinished(results, options: SweepOptions, cells: dict[str, dict]) -> None:

