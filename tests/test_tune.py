@@ -104,6 +104,16 @@ def test_invalid_grid_exits_2_naming_model_field_and_value(tmp_path, image_folde
     assert not (tmp_path / "ladder").exists()  # nothing was started or written
 
 
+def test_invalid_asha_options_exit_2_before_ray(tmp_path, image_folder):
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.tune", "--models", "M1", "--grid", "seed",
+         "--scheduler", "asha", "--reduction-factor", "1", "--data", str(image_folder),
+         "--storage", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 2 and "--reduction-factor 1" in done.stderr
+    assert not (tmp_path / "ladder").exists()
+
+
 def test_cells_are_validated_and_hashed_before_ray(tmp_path, image_folder):
     opts = options(tmp_path, models=("M1", "M4"), grid="default", seeds=2,
                    overrides={"data": str(image_folder)})
