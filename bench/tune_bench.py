@@ -1,6 +1,8 @@
 """Tuning benchmarks: ASHA vs the full grid, and Tune's overhead over the ideal.
 
     python bench/tune_bench.py asha --data DIR        # M4, 12 configs, 10k images, 8 epochs
+    python bench/tune_bench.py asha --data DIR --limit 5000 --validation-fraction 0.2 \
+        --batch-size 128                              # what fit a shared 2-core machine
     python bench/tune_bench.py overhead --data DIR    # 24 short M1 trials
 
 asha: M4's default grid (models.SEARCH_SPACES: 3 learning rates x 2 dropout x 2 conv dropout
@@ -46,7 +48,9 @@ def sweep(storage: str, name: str, grid: dict | str, data, **kwargs):
 
 
 def asha(args) -> None:
-    overrides = {"data": args.data, "limit": args.limit, "num_epochs": args.epochs}
+    overrides = {"data": args.data, "limit": args.limit, "num_epochs": args.epochs,
+                 "batch_size": args.batch_size,
+                 "validation_fraction": args.validation_fraction}
     data = load_cifar10(Settings.from_dict({"model": "M4", **overrides}))
     storage = tempfile.mkdtemp(prefix="bench-asha-")
     asha_options = {"grace_period": args.grace_period, "reduction_factor": args.reduction_factor}
@@ -72,7 +76,8 @@ def asha(args) -> None:
                "meets_target": gap <= 0.5 and share <= 1 / 3}
     table = "\n".join([
         f"# ASHA vs full grid: M4, {grid_row['trials']} configurations, {args.limit:,} "
-        f"CIFAR-10 (JPEG) images, {args.epochs} epochs", "",
+        f"CIFAR-10 (JPEG) images ({args.validation_fraction:.0%} held out for validation), "
+        f"{args.epochs} epochs, batch {args.batch_size}", "",
         "| | trials | trial-epochs | best val_accuracy | its test_accuracy | wall time (s) |",
         "|---|---|---|---|---|---|",
         *(f"| {k} | {r['trials']} | {r['trial_epochs']} | {r['best_val_accuracy']:.4f} | "
@@ -125,6 +130,10 @@ def main() -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--limit", type=int, default=10_000)
+    # M4's seed batch of 512 makes an epoch of a small subset a handful of steps, too few for
+    # the first rung to say anything; smaller batches give each epoch more signal.
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--validation-fraction", type=float, default=0.1)
     parser.add_argument("--grace-period", type=int, default=SweepOptions.grace_period)
     parser.add_argument("--reduction-factor", type=int, default=SweepOptions.reduction_factor)
     args = parser.parse_args()

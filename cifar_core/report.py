@@ -351,6 +351,51 @@ class ReportContext:
     cpu_hour_price: float
     trials: str = ""
     notes: list[str] = field(default_factory=list)
+    scoring: list[dict] = field(default_factory=list)  # ``cifar score`` summaries
+
+
+SCORE_SUMMARY_KEYS = ("src", "model", "files", "ok", "errors", "images_per_s", "pipeline_s")
+
+
+def load_score_summaries(uris: Sequence[str], endpoint: str | None = None) -> list[dict]:
+    """``cifar score``'s ``<out>.summary.json`` files (local or s3://), checked to be such."""
+    summaries = []
+    for uri in uris:
+        try:
+            summary = json.loads(storage.read_text(uri, endpoint))
+        except (OSError, storage.StorageError, json.JSONDecodeError) as error:
+            raise ReportError(f"--scores {uri}: cannot read a scoring summary: {error}")
+        missing = [k for k in SCORE_SUMMARY_KEYS if not isinstance(summary, dict)
+                   or k not in summary]
+        if missing:
+            raise ReportError(f"--scores {uri}: not a cifar score summary (missing "
+                              f"{', '.join(missing)}); pass the OUT.summary.json it wrote")
+        summaries.append({**summary, "summary_uri": uri})
+    return summaries
+
+
+def scoring_display(summaries: Sequence[dict]) -> pd.DataFrame:
+    rows = []
+    for summary in summaries:
+        model, labels = summary["model"] or {}, summary.get("labels") or {}
+        provenance = summary.get("provenance") or {}
+        rows.append({
+            "images": summary["src"], "model": model.get("model"),
+            "trial": model.get("selected_trial") or model.get("checkpoint"),
+            "files": summary["files"], "errors": summary["errors"],
+            "accuracy": _fmt(labels.get("accuracy"), "acc"),
+            "images/s": f"{summary['images_per_s']:.0f}",
+            "wall time": _fmt(summary["pipeline_s"], "time"),
+            "first row after": _fmt(summary.get("first_row_s"), "time"),
+            "commit": str(provenance.get("git_commit") or "—")[:12],
+            "when": str(provenance.get("created") or "—")[:19],
+        })
+    return pd.DataFrame(rows)
+
+
+SCORING_NOTE = ("Batch scoring with `cifar score` (Ray Data): images/s = files / pipeline wall "
+                "time, from listing the files to the last row written, actor start-up "
+                "included; accuracy from the labels of the files' class folders.")
 
 
 def describe_data(source: str | None, settings: dict | None = None) -> str:
@@ -685,6 +730,8 @@ def render_markdown(table: pd.DataFrame, board: pd.DataFrame, context: ReportCon
              "seeds; difference: test_accuracy minus the seed notebook's.", "",
              "## Accuracy vs cost: trials no other trial beats on both", "",
              markdown_table(trials_display(front)), "",
+             *(["## Batch scoring", "", markdown_table(scoring_display(context.scoring)), "",
+                 SCORING_NOTE, ""] if context.scoring else []),
              f"## All trials ({len(table)})", "",
              markdown_table(trials_display(table)), "",
              "Figures (accuracy per model vs the seed notebook, learning curves, confusion "
@@ -744,6 +791,11 @@ def render_html(table: pd.DataFrame, board: pd.DataFrame, context: ReportContext
         image("accuracy_vs_cost", f"Accuracy vs GPU-hours and cost ({data_label})"),
         "<h2>Trials no other trial beats on both accuracy and cost</h2>",
         trials_display(front).to_html(index=False, table_id="pareto", border=0),
+        *([
+            "<h2>Batch scoring</h2>",
+            scoring_display(context.scoring).to_html(index=False, table_id="scoring", border=0),
+            f"<p class='note'>{html.escape(SCORING_NOTE.replace('`', ''))}</p>",
+        ] if context.scoring else []),
         f"<h2>All trials ({len(table)})</h2>",
         trials_display(table).to_html(index=False, table_id="trials", border=0),
         f"<p class='note'>Data: {html.escape(data_label)}. Hardware: "
@@ -774,8 +826,10 @@ OUTPUT_FILES = ("leaderboard.csv", "trials.parquet", "report.md", "report.html")
 def build_report(records: Sequence[TrialRecord], out: str | Path, *,
                  gpu_hour_price: float = DEFAULT_GPU_HOUR_PRICE,
                  cpu_hour_price: float = DEFAULT_CPU_HOUR_PRICE,
-                 data_label: str | None = None) -> Report:
-    """Write leaderboard.csv, trials.parquet, report.md and report.html into ``out``."""
+                 data_label: str | None = None, scores: Sequence[dict] = ()) -> Report:
+    """Write leaderboard.csv, trials.parquet, report.md and report.html into ``out``.
+
+    ``scores``: ``cifar score`` summaries (``load_score_summaries``) for a scoring section."""
     for name, price in (("gpu_hour_price", gpu_hour_price), ("cpu_hour_price", cpu_hour_price)):
         if not (math.isfinite(price) and price >= 0):
             raise ReportError(f"{name}={price!r} must be a finite number >= 0")
@@ -783,6 +837,7 @@ def build_report(records: Sequence[TrialRecord], out: str | Path, *,
     table = trials_table(records, gpu_hour_price=gpu_hour_price, cpu_hour_price=cpu_hour_price)
     board = leaderboard(table)
     context = report_context(records, gpu_hour_price, cpu_hour_price, data_label)
+    context.scoring = list(scores)
     data_text = "; ".join(context.data)
     figures = {"accuracy_vs_seed": figure_accuracy_vs_seed(board, data_text),
                "learning_curves": figure_learning_curves(records, table, board),

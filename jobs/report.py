@@ -3,6 +3,7 @@
     cifar report --runs /data/sweeps --out results/
     cifar report --runs s3://bucket/sweeps --out /tmp/report --publish s3://bucket/published
     cifar report --runs runs/m1-seed --runs runs/sweeps --gpu-hour-price 1.2 --out results/
+    cifar report --runs runs/sweeps --scores scores/test.summary.json --out results/
 
 Reads every ``trial.json`` below each ``--runs`` location (local or s3://; also plain
 ``cifar train`` run folders) and writes into ``--out``: ``trials.parquet`` (one row per trial),
@@ -11,7 +12,8 @@ Reads every ``trial.json`` below each ``--runs`` location (local or s3://; also 
 the report, every trial's metrics and each family's best checkpoint, verified by checksum, and
 writes ``manifest.json`` last (see cifar_core/publish.py). ``--smoke-test`` first makes a
 tiny sweep (``cifar tune --smoke-test --models M1,M2`` on ``--data``, local Ray, about 1-2 min)
-in a temporary folder and reports on that. Exit code 2: no runs found or bad input; 1: the
+in a temporary folder and reports on that. ``--scores`` adds a batch-scoring section from the
+``OUT.summary.json`` files ``cifar score`` wrote (accuracy, images/s). Exit code 2: no runs found or bad input; 1: the
 publish failed (re-run to complete it).
 """
 
@@ -22,7 +24,7 @@ import sys
 
 import cifar_core  # noqa: F401  (selects tf_keras before anything can load TensorFlow)
 from cifar_core.report import (DEFAULT_CPU_HOUR_PRICE, DEFAULT_GPU_HOUR_PRICE, ReportError,
-                               build_report, load_records)
+                               build_report, load_records, load_score_summaries)
 from cifar_core.storage import StorageError
 
 
@@ -46,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "vCPU, us-east-1).")
     parser.add_argument("--data-label", help="Name of the data for the report, e.g. "
                                              "'CIFAR-10 (JPEG)' (default: from the records).")
+    parser.add_argument("--scores", action="append", default=[], metavar="SUMMARY_JSON",
+                        help="A cifar score OUT.summary.json (local or s3://) to report; "
+                             "repeatable.")
     parser.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: "
                                               "AWS_ENDPOINT_URL or AWS).")
     return parser
@@ -74,9 +79,11 @@ def main(argv: list[str] | None = None) -> int:
                 check_destination(args.publish)
             except (PublishError, StorageError) as error:
                 raise ReportError(str(error)) from error
+        scores = load_score_summaries(args.scores, args.s3_endpoint)
         records = load_records(args.runs, args.s3_endpoint)
         report = build_report(records, args.out, gpu_hour_price=args.gpu_hour_price,
-                              cpu_hour_price=args.cpu_hour_price, data_label=args.data_label)
+                              cpu_hour_price=args.cpu_hour_price, data_label=args.data_label,
+                              scores=scores)
     except (ReportError, StorageError, OSError) as error:
         print(f"cifar report: error: {error}", file=sys.stderr)
         return 2

@@ -36,6 +36,8 @@ REPO = Path(__file__).resolve().parent.parent
 #: The smoke sweep's grid: a varied setting for M1, seed defaults for M2 (3 trials).
 SMOKE_GRID = {"M1": {"learning_rate": [0.01, 0.05]}}
 SMOKE_TRIALS = 3
+#: Its leaderboard rows: 300 images and 1 epoch are not the seed's experiment, and say so.
+SMOKE_FAMILIES = {f"{m} [subset of 300 images, 1 of 50 epochs]" for m in ("M1", "M2")}
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +121,7 @@ def test_leaderboard_picks_the_best_by_validation_and_shows_the_seed(sweep, buil
         assert row.seed_notebook_accuracy == SEED_ACCURACY[row.model]
         # The smoke sweep (300 images, 1 epoch) is not the seed's experiment: labelled, and
         # never compared with the seed's accuracy.
-        assert row.family == f"{row.model} [subset of 300 images, 1 of 50 epochs]"
+        assert row.family in SMOKE_FAMILIES
         assert math.isnan(row.difference_vs_seed)
         assert row.seeds == len(configs[best_config]) and row.trials == len(family)
     markdown = built.files["report.md"].read_text()
@@ -246,6 +248,34 @@ def test_cli_writes_every_output_and_rejects_bad_input(sweep, tmp_path, capsys):
 
 
 @pytest.mark.slow  # builds on the tune smoke sweep (1-2 min, once per module)
+def test_scoring_summaries_get_their_own_section_and_bad_ones_exit_2(sweep, tmp_path, capsys):
+    from dataclasses import asdict
+
+    from cifar_core.scoring import ScoreSummary
+    from jobs.report import main
+
+    summary = ScoreSummary(
+        src="/data/cifar10/test", outputs=["/tmp/s.csv"], summary_uri="/tmp/s.summary.json",
+        model={"checkpoint": "/runs/x/best", "model": "M4", "input_size": 32,
+               "selected_trial": "M4-abc"}, files=10000, ok=10000, images_per_s=812.4,
+        pipeline_s=12.3, first_row_s=4.0, labels={"accuracy": 0.7712, "scored": 10000},
+        provenance={"git_commit": "0123456789abcdef", "created": "2026-11-24T05:00:00+00:00"})
+    path = tmp_path / "s.summary.json"
+    path.write_text(json.dumps(asdict(summary)))
+    out = tmp_path / "results"
+    assert main(["--runs", str(sweep), "--scores", str(path), "--out", str(out)]) == 0
+    markdown = (out / "report.md").read_text()
+    section = markdown.split("## Batch scoring", 1)[1].split("##", 1)[0]
+    assert "| /data/cifar10/test | M4 | M4-abc | 10000 | 0 | 0.7712 | 812 |" in section
+    assert "id=\"scoring\"" in (out / "report.html").read_text()
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"files": 3}))
+    assert main(["--runs", str(sweep), "--scores", str(bad), "--out", str(out)]) == 2
+    assert "not a cifar score summary" in capsys.readouterr().err
+    assert (out / "report.md").read_text() == markdown  # a refused input loses nothing
+
+
+@pytest.mark.slow  # builds on the tune smoke sweep (1-2 min, once per module)
 def test_report_reads_runs_from_s3_and_publishes_their_checkpoints(sweep, s3_bucket,
                                                                       tmp_path):
     # The sweep as a cluster would leave it: records and checkpoints both in S3.
@@ -282,7 +312,7 @@ def test_cli_publishes_through_an_endpoint_override(sweep, s3_bucket, moto_endpo
     assert main(["--runs", str(sweep), "--out", str(tmp_path / "out"), "--publish",
                  destination, "--s3-endpoint", moto_endpoint]) == 0
     manifest = read_manifest(destination, endpoint=moto_endpoint)
-    assert manifest is not None and set(manifest["best_checkpoints"]) == {"M1", "M2"}
+    assert manifest is not None and set(manifest["best_checkpoints"]) == SMOKE_FAMILIES
     assert "manifest.json" in capsys.readouterr().out
 
 
@@ -325,7 +355,7 @@ def test_publish_uploads_everything_verified_and_the_manifest_last(built, s3_buc
         local = Path(record.checkpoint_uri) / "model.keras"
         assert paths[f"{best['checkpoint']}/model.keras"]["sha256"] == hashlib.sha256(
             local.read_bytes()).hexdigest()
-    assert set(manifest["best_checkpoints"]) == {"M1", "M2"}
+    assert set(manifest["best_checkpoints"]) == SMOKE_FAMILIES
 
     # Idempotent: a re-run sends nothing and leaves the same keys and bytes.
     calls.clear()
