@@ -53,16 +53,27 @@ def asha(args) -> None:
                  "validation_fraction": args.validation_fraction}
     data = load_cifar10(Settings.from_dict({"model": "M4", **overrides}))
     storage = tempfile.mkdtemp(prefix="bench-asha-")
+    print(f"storage: {storage}", flush=True)
     asha_options = {"grace_period": args.grace_period, "reduction_factor": args.reduction_factor}
     connect_ray()
     rows = {}
     for scheduler in ("none", "asha"):
-        wall, records = sweep(storage, f"m4-{scheduler}", "default", data, models=("M4",),
-                              overrides=overrides, scheduler=scheduler, max_concurrent=2,
-                              **asha_options)
+        if scheduler == "none" and args.reuse_grid:
+            # The full grid of an earlier run of this benchmark (same data, settings and
+            # grid; its trial ids differ only by the code version they were run at).
+            records = read_records(str(Path(args.reuse_grid) / "m4-none"))
+            if {r.status for r in records} != {"completed"} or len(records) != 12:
+                raise SystemExit(f"--reuse-grid {args.reuse_grid}: not a complete 12-trial grid")
+            wall = None
+        else:
+            wall, records = sweep(storage, f"m4-{scheduler}", "default", data,
+                                  models=("M4",), overrides=overrides, scheduler=scheduler,
+                                  max_concurrent=2, **asha_options)
         best = max(records, key=lambda r: r.best_val_accuracy or 0)
         rows[scheduler] = {
-            "trials": len(records), "wall_time_s": round(wall, 1),
+            "trials": len(records), "wall_time_s": None if wall is None else round(wall, 1),
+            "code_versions": sorted({(r.provenance or {}).get("git_commit", "?")
+                                     for r in records}),
             "trial_epochs": sum(r.epochs_run for r in records),
             "best_val_accuracy": best.best_val_accuracy, "best_settings": {
                 k: best.settings[k] for k in GRID_FIELDS},
@@ -81,7 +92,8 @@ def asha(args) -> None:
         "| | trials | trial-epochs | best val_accuracy | its test_accuracy | wall time (s) |",
         "|---|---|---|---|---|---|",
         *(f"| {k} | {r['trials']} | {r['trial_epochs']} | {r['best_val_accuracy']:.4f} | "
-          f"{r['best_test_accuracy']:.4f} | {r['wall_time_s']} |"
+          f"{r['best_test_accuracy']:.4f} | "
+          f"{'earlier run' if r['wall_time_s'] is None else r['wall_time_s']} |"
           for k, r in (("full grid", grid_row), ("ASHA", asha_row))), "",
         f"ASHA: {gap:+.2f} points below the grid's best with {share:.0%} of its trial-epochs "
         f"(target: <= 0.5 points with <= 33%): {'met' if verdict['meets_target'] else 'NOT met'}."
@@ -134,6 +146,9 @@ def main() -> None:
     # the first rung to say anything; smaller batches give each epoch more signal.
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--validation-fraction", type=float, default=0.1)
+    parser.add_argument("--reuse-grid", metavar="STORAGE",
+                        help="Take the full grid's records from an earlier run's storage "
+                             "(printed as 'storage:') and run only the ASHA sweep.")
     parser.add_argument("--grace-period", type=int, default=SweepOptions.grace_period)
     parser.add_argument("--reduction-factor", type=int, default=SweepOptions.reduction_factor)
     args = parser.parse_args()

@@ -390,8 +390,11 @@ def run_sweep(options: SweepOptions, data=None, address: str | None = None):
             metric="val_accuracy", mode="max", scheduler=_scheduler(options, todo),
             max_concurrent_trials=options.max_concurrent,
             # A new process per trial pays Ray's actor start and TensorFlow's import
-            # (~5-10 s) every time; reusing it keeps short trials cheap.
-            reuse_actors=True,
+            # (~5-10 s) every time; reusing it keeps short trials cheap. Not under a
+            # scheduler: a trial it stops keeps training in the reused process until its next
+            # report (up to an epoch), Tune gives the reset 2 s, and the next trial there then
+            # fails with "Trainable runner reuse requires reset_config()".
+            reuse_actors=options.scheduler == "none",
             trial_name_creator=lambda trial: trial.config["trial_id"],
             trial_dirname_creator=lambda trial: (
                 f"{trial.config['trial_id']}_{trial.trial_id}")),

@@ -62,13 +62,15 @@ def test_resubmitting_runs_only_missing_cells(tmp_path, image_folder, ray_local)
 def test_asha_stops_weak_trials_early_and_records_why(tmp_path, image_folder, ray_local):
     rates = [0.1, 1e-6, 2e-6, 0.05, 3e-6, 4e-6, 0.08, 5e-6, 6e-6]
     grid = write_grid(tmp_path / "grid.json", {"M1": {"learning_rate": rates}})
-    opts = options(tmp_path, grid=grid, scheduler="asha", max_concurrent=2,
+    # No retries: a trial started where a stopped one ran must not fail (reused processes).
+    opts = options(tmp_path, grid=grid, scheduler="asha", max_concurrent=2, max_failures=0,
                    overrides={"data": str(image_folder), "num_epochs": 9, "batch_size": 32})
     run_sweep(opts)
     records = read_records(opts.sweep_uri)
     stopped = [r for r in records if r.status == "stopped_by_scheduler"]
     completed = [r for r in records if r.status == "completed"]
     assert len(records) == len(rates) and stopped and completed
+    assert len(stopped) + len(completed) == len(rates), [r.error for r in records]
     assert all(r.epochs_run < 9 and r.stop_reason == "stopped_by_scheduler" for r in stopped)
     assert all(r.epochs_run == 9 and r.test_accuracy is not None for r in completed)
     assert all(r.test_accuracy is None for r in stopped)  # never evaluated, never selected
