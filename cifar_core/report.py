@@ -481,7 +481,7 @@ def _figure(width: float, height: float):
 
 
 def figure_accuracy_vs_seed(board: pd.DataFrame, data_label: str) -> bytes:
-    figure = _figure(7, 3.6)
+    figure = _figure(max(7.0, 1.3 * len(board)), 4.2)  # room for labelled variants
     axis = figure.subplots()
     board = board.sort_values("family")
     x = np.arange(len(board))
@@ -499,7 +499,8 @@ def figure_accuracy_vs_seed(board: pd.DataFrame, data_label: str) -> bytes:
     axis.set_xticks(x, [textwrap.fill(name, 16) for name in board["family"]], fontsize=7)
     axis.set_ylim(0, 1)
     axis.set_ylabel("test accuracy")
-    axis.set_title(f"Test accuracy per model vs the seed notebook — {data_label}", fontsize=9)
+    axis.set_title(textwrap.fill(f"Test accuracy per model vs the seed notebook — {data_label}",
+                                 int(16 * max(7.0, 1.3 * len(board)))), fontsize=8)
     axis.legend(fontsize=8, loc="upper left")
     return _png(figure)
 
