@@ -69,8 +69,9 @@ class SweepOptions:
     epochs_scale: float = 1.0
     scheduler: str = "none"                     # "none" or "asha"
     # ASHA: first cut after grace_period epochs, then keep the best 1/reduction_factor at each
-    # rung. Ray's own defaults; a factor of 4 cuts harder than 3, which on grids of a dozen
-    # cells is what keeps ASHA under a third of the grid's epochs (results/bench-tune-asha.md).
+    # rung. Ray's own defaults. On a dozen trials asynchronous ASHA still spends ~40-47% of the
+    # grid's epochs, whatever the factor: early arrivals at a rung are never cut
+    # (results/bench-tune-asha.md, bench/asha_replay.py).
     grace_period: int = 1
     reduction_factor: int = 4
     max_concurrent: int | None = None
