@@ -212,8 +212,10 @@ def experiment_variant(settings: dict) -> str:
         parts.append(f"subset of {int(settings['limit']):,} images")
     if (settings.get("image_size") or None) != seed.get("image_size"):
         parts.append(f"{settings.get('image_size') or 32}-px inputs")
-    epochs = [(seed.get(k) or 0 if settings.get(k) is None else settings[k], seed.get(k) or 0)
-              for k in ("num_epochs", "fine_tune_epochs")]  # not recorded: the seed's
+    epochs = []
+    for key in ("num_epochs", "fine_tune_epochs"):
+        full = seed.get(key) or 0
+        epochs.append((full if settings.get(key) is None else settings[key], full))
     # Fewer epochs than the seed, or a phase the seed does not have (e.g. M5 fine-tuned).
     if any(ran < full or (ran and not full) for ran, full in epochs):
         parts.append("+".join(str(ran) for ran, full in epochs if ran or full) + " of "
@@ -279,8 +281,8 @@ def pareto_front(accuracy: pd.Series, cost: pd.Series) -> pd.Series:
 
 
 LEADERBOARD_COLUMNS = [
-    "rank", "family", "model", "variant", "trials", "evaluated", "configs", "seed_notebook_accuracy", "gpu_hours",
-    "cpu_hours", "cost_usd", "best_trial", "best_settings", "best_val_accuracy",
+    "rank", "family", "model", "variant", "trials", "evaluated", "configs",
+    "seed_notebook_accuracy", "gpu_hours", "cpu_hours", "cost_usd", "best_trial", "best_settings", "best_val_accuracy",
     "test_accuracy", "difference_vs_seed", "seeds", "test_accuracy_mean", "test_accuracy_std",
     "best_epochs_run", "best_wall_time_s", "best_gpu_hours", "best_cost_usd", "checkpoint_uri"]
 
@@ -481,7 +483,8 @@ def _figure(width: float, height: float):
 
 
 def figure_accuracy_vs_seed(board: pd.DataFrame, data_label: str) -> bytes:
-    figure = _figure(max(7.0, 1.3 * len(board)), 4.2)  # room for labelled variants
+    width = max(7.0, 1.3 * len(board))  # room for labelled variants
+    figure = _figure(width, 4.2)
     axis = figure.subplots()
     board = board.sort_values("family")
     x = np.arange(len(board))
@@ -500,7 +503,7 @@ def figure_accuracy_vs_seed(board: pd.DataFrame, data_label: str) -> bytes:
     axis.set_ylim(0, 1)
     axis.set_ylabel("test accuracy")
     axis.set_title(textwrap.fill(f"Test accuracy per model vs the seed notebook — {data_label}",
-                                 int(16 * max(7.0, 1.3 * len(board)))), fontsize=8)
+                                 int(16 * width)), fontsize=8)
     axis.legend(fontsize=8, loc="upper left")
     return _png(figure)
 
@@ -515,17 +518,16 @@ def figure_learning_curves(records: Sequence[TrialRecord], table: pd.DataFrame,
     figure = _figure(7, 4)
     axis = figure.subplots()
     colors = {}
-    for model, family in table.groupby("family", sort=True):
-        best = chosen.get(model)
+    for name, family in table.groupby("family", sort=True):
+        best = chosen.get(name)
         if not isinstance(best, str):
             best = family.sort_values("best_val_accuracy", ascending=False).iloc[0]["trial_id"]
         record = by_id[best]
-        row = {"model": model}
         epochs = [m["epoch"] for m in record.history if "val_accuracy" in m]
         line, = axis.plot(epochs, [m["val_accuracy"] for m in record.history
                                    if "val_accuracy" in m],
-                          marker="o", markersize=3, label=f"{row['model']} val_accuracy")
-        colors[row["model"]] = line.get_color()
+                          marker="o", markersize=3, label=f"{name} val_accuracy")
+        colors[name] = line.get_color()
         axis.plot(epochs, [m.get("accuracy", np.nan) for m in record.history
                            if "val_accuracy" in m], linestyle=":", color=line.get_color(),
                   linewidth=1)
