@@ -71,7 +71,7 @@ class SweepOptions:
     # ASHA: first cut after grace_period epochs, then keep the best 1/reduction_factor at each
     # rung. Ray's own defaults. On a dozen trials asynchronous ASHA still spends ~40-47% of the
     # grid's epochs, whatever the factor: early arrivals at a rung are never cut
-    # (results/bench-tune-asha.md, bench/asha_replay.py).
+    # (results/bench-tune-asha-m4.md, bench/asha_replay.py).
     grace_period: int = 1
     reduction_factor: int = 4
     max_concurrent: int | None = None
@@ -384,11 +384,12 @@ def run_sweep(options: SweepOptions, data=None, address: str | None = None):
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, data=data, cells=cell_configs),
         lambda config: _placement(cell_configs[config["trial_id"]]))
+    scheduler = _scheduler(options, todo)
     tuner = tune.Tuner(
         trainable,
         param_space={"trial_id": tune.grid_search([cell.trial_id for cell in todo])},
         tune_config=tune.TuneConfig(
-            metric="val_accuracy", mode="max", scheduler=_scheduler(options, todo),
+            metric="val_accuracy", mode="max", scheduler=scheduler,
             max_concurrent_trials=options.max_concurrent,
             # A new process per trial pays Ray's actor start and TensorFlow's import
             # (~5-10 s) every time; reusing it keeps short trials cheap. Not under a
@@ -407,8 +408,15 @@ def run_sweep(options: SweepOptions, data=None, address: str | None = None):
                 checkpoint_score_order="max"),
             verbose=1))
     results = tuner.fit()
-    record_unfinished(results, options, cell_configs)
-    return leaderboard(options)
+    interrupted = record_unfinished(results, options, cell_configs,
+                                    getattr(scheduler, "stopped", set()))
+    board = leaderboard(options)
+    if interrupted:
+        print(f"cifar tune: the sweep was interrupted; {len(interrupted)} trial(s) did not "
+              f"finish and have no record: {', '.join(sorted(interrupted))}. Run the same "
+              "command with --resume to continue them from their checkpoints.", flush=True)
+    board.attrs["interrupted"] = sorted(interrupted)
+    return board
 
 
 def _check_one_data_source(cells: list[Cell]) -> None:
@@ -441,17 +449,37 @@ def _placement(cell: dict):
 def _scheduler(options: SweepOptions, cells: list[Cell]):
     if options.scheduler != "asha":
         return None
-    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    class RecordingASHA(ASHAScheduler):
+        """ASHA that remembers whom it stopped: a trial the user's Ctrl-C ended looks the same
+        in Tune's results (no error, epochs missing) but must stay open for ``--resume``."""
+
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.stopped: set[str] = set()
+
+        def on_trial_result(self, tune_controller, trial, result):
+            action = super().on_trial_result(tune_controller, trial, result)
+            if action == TrialScheduler.STOP:
+                self.stopped.add(trial.config["trial_id"])
+            return action
 
     max_epochs = max(c.settings.total_epochs for c in cells)
     # Judge trials by epochs done (not by report count): a resumed trial keeps its epoch number.
-    return ASHAScheduler(time_attr="epoch", max_t=max_epochs,
+    return RecordingASHA(time_attr="epoch", max_t=max_epochs,
                          grace_period=options.grace_period,
                          reduction_factor=options.reduction_factor)
 
 
-def record_unfinished(results, options: SweepOptions, cells: dict[str, dict]) -> None:
-    """Write records for trials that did not write their own: scheduler-stopped or errored."""
+def record_unfinished(results, options: SweepOptions, cells: dict[str, dict],
+                      stopped_by_scheduler: set[str]) -> list[str]:
+    """Write records for trials that did not write their own: scheduler-stopped or errored.
+
+    Returns the trials that were neither (the sweep was interrupted, e.g. by Ctrl-C): they
+    get no record, so ``--resume`` or a re-submission continues them from their checkpoints.
+    """
+    interrupted = []
     for result in results:
         cell = cells[result.config["trial_id"]]
         meta = cell["meta"]
@@ -467,6 +495,9 @@ def record_unfinished(results, options: SweepOptions, cells: dict[str, dict]) ->
         if not errored and history and history[-1]["epoch"] >= settings.total_epochs:
             # Ran every epoch yet left no record: not the scheduler's doing; say so.
             errored, result_error = True, "trial ended without writing its record"
+        elif not errored and meta["trial_id"] not in stopped_by_scheduler:
+            interrupted.append(meta["trial_id"])
+            continue
         else:
             result_error = str(result.error)[:2000] if errored else None
         checkpoint_uri = None
@@ -485,6 +516,7 @@ def record_unfinished(results, options: SweepOptions, cells: dict[str, dict]) ->
             resources=meta["resources"], checkpoint_uri=checkpoint_uri, history=history,
             error=result_error, finished=_now())
         storage.write_text(record_uri, record.to_json(), options.s3_endpoint)
+    return interrupted
 
 
 def _history(result) -> list[dict]:

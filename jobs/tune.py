@@ -12,7 +12,8 @@ otherwise on a private local Ray. Results: ``STORAGE/NAME/trials/<trial_id>/tria
 ``--name`` into the same ``--storage`` runs only the cells not yet finished; ``--resume``
 continues an interrupted sweep's unfinished trials from their checkpoints.
 Expect: the smoke test takes about 2 minutes on 2 CPU cores. Exit code 2: invalid options or
-grid (nothing started); 1: some trials errored after their retries.
+grid (nothing started); 1: some trials errored after their retries; 130: interrupted (Ctrl-C),
+continue with --resume.
 """
 
 from __future__ import annotations
@@ -125,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         print(board.to_string(index=False) if not board.empty else "(no trials)")
     print(f"cifar tune: {len(board)} trials; results in {options.sweep_uri} "
           f"(cifar report --runs {options.storage})")
+    if board.attrs.get("interrupted"):
+        return 130  # the shell's code for Ctrl-C: not finished, resumable
     errored = int((board["status"] == "errored").sum()) if not board.empty else 0
     return 1 if errored else 0
 

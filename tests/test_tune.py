@@ -191,7 +191,10 @@ def test_crashed_trial_is_retried_from_its_checkpoint(tmp_path, image_folder, ra
 
 
 @pytest.mark.slow
-def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, image_folder):
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "Ctrl-C"])
+def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, image_folder, stop):
+    # SIGINT lets Tune wind down and hand back results: the trial it cut short must not be
+    # mistaken for one the scheduler stopped (that record would make --resume skip it).
     grid = write_grid(tmp_path / "grid.json", {"M1": {"learning_rate": [0.01, 0.02, 0.03]}})
     command = [sys.executable, "-m", "jobs.tune", "--models", "M1", "--grid", grid,
                "--data", str(image_folder), "--num-epochs", "3", "--batch-size", "8",
@@ -208,16 +211,19 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, image
             time.sleep(0.2)
         assert list(trials.glob("*/trial.json")), "no trial finished before the deadline"
         started = descendants(driver.pid)
-        os.kill(driver.pid, signal.SIGKILL)
-        driver.wait()
+        os.kill(driver.pid, stop)
+        code = driver.wait(timeout=300)
     finally:
         for pid in [driver.pid, *started]:  # only what this test started
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+    assert code == (130 if stop == signal.SIGINT else -signal.SIGKILL)
     before = {p.parent.name: p.stat().st_mtime_ns for p in trials.glob("*/trial.json")}
     assert 1 <= len(before) < 3
+    assert {TrialRecord.from_json(p.read_text()).status
+            for p in trials.glob("*/trial.json")} == {"completed"}
     done = subprocess.run(command + ["--resume"], cwd=REPO, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
