@@ -1,8 +1,8 @@
 """Replay Ray's ASHA on a full grid's recorded learning curves: what would it have spent?
 
-    python bench/asha_replay.py results/bench-tune-asha-grid
+    python bench/asha_replay.py results/bench-tune-asha-m4-grid
 
-The measured ASHA run (results/bench-tune-asha.md) is one trial order and one timing. This
+The measured ASHA run (results/bench-tune-asha-m4.md) is one trial order and one timing. This
 replays the same decisions offline, with Ray's own bracket (``_Bracket`` of
 ``ray.tune.schedulers.async_hyperband``, as ``ASHAScheduler`` builds it) fed the grid's
 per-epoch ``val_accuracy``: trials start in a given order, ``--concurrency`` at a time, all at

@@ -3,36 +3,51 @@
     python bench/tune_bench.py asha --data DIR        # M4, 12 configs, 10k images, 8 epochs
     python bench/tune_bench.py asha --data DIR --limit 5000 --validation-fraction 0.2 \
         --batch-size 128                              # what fit a shared 2-core machine
+    python bench/tune_bench.py asha --model M1 --data DIR --limit 10000 \
+        --validation-fraction 0.2 --batch-size 128    # 48 configs: ASHA's own regime
     python bench/tune_bench.py overhead --data DIR    # 24 short M1 trials
 
-asha: M4's default grid (models.SEARCH_SPACES: 3 learning rates x 2 dropout x 2 conv dropout
-= 12 configurations) run twice on a stratified subset (--limit, default 10,000 images) of
-CIFAR-10 (JPEG), once in full and once under ASHA (the sweep's defaults: grace 1 epoch,
-reduction factor 4), 2 trials at a time. Compares trial-epochs spent and the best val_accuracy
-found. Target: ASHA within 0.5 points of the grid's best with <= 1/3 of its trial-epochs.
+asha: a model's benchmark grid (ASHA_GRIDS: M4's default grid, 3 learning rates x 2 dropout x
+2 conv dropout = 12 configurations; or 48 M1 configurations, 4 learning rates x 3 momenta x 4
+dense widths) run twice on a stratified subset (--limit, default 10,000 images) of CIFAR-10
+(JPEG), once in full and once under ASHA (the sweep's defaults: grace 1 epoch, reduction
+factor 4), 2 trials at a time. Compares trial-epochs spent and the best val_accuracy found.
+Target: ASHA within 0.5 points of the grid's best with <= 1/3 of its trial-epochs. The full
+grid's records and Tune's trial order go to results/bench-tune-asha-<model>-grid/ for
+bench/asha_replay.py.
 
 overhead: 24 short trials (M1, 2,000 images, 2 epochs), 2 at a time on 2 cores. Sweep wall
 time (Tuner start to end, Ray already up, data preloaded) vs the ideal: sum of the trials' own
 wall times / 2 slots. Target <= 1.15x.
 
-Both write results/bench-tune-*.{json,md} with provenance.
+All write results/bench-tune-*.{json,md} with provenance.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from common import write_results
+from common import REPO, write_results
 
 from cifar_core.data import load_cifar10
+from cifar_core.models import SEARCH_SPACES
 from cifar_core.settings import Settings
 from cifar_core.sweep import SweepOptions, connect_ray, read_records, run_sweep
 
-GRID_FIELDS = ("learning_rate", "dropout_rate", "conv_dropout_rate")  # M4's default grid
+# Asynchronous ASHA promotes the first trials to reach a rung for free (nothing to compare
+# them with yet), so its savings show on grids of dozens of trials, not a dozen: M1 is cheap
+# enough to run 48 configurations twice on two cores.
+ASHA_GRIDS = {
+    "M4": {field: domain["grid_search"] for field, domain in SEARCH_SPACES["M4"].items()},
+    "M1": {"learning_rate": [0.003, 0.01, 0.03, 0.1], "momentum": [0.0, 0.5, 0.9],
+           "dense_units": [50, 100, 200, 400]},
+}
 
 
 def sweep(storage: str, name: str, grid: dict | str, data, **kwargs):
@@ -48,27 +63,33 @@ def sweep(storage: str, name: str, grid: dict | str, data, **kwargs):
 
 
 def asha(args) -> None:
+    model, grid = args.model, ASHA_GRIDS[args.model]
+    fields = tuple(grid)
     overrides = {"data": args.data, "limit": args.limit, "num_epochs": args.epochs,
                  "batch_size": args.batch_size,
                  "validation_fraction": args.validation_fraction}
-    data = load_cifar10(Settings.from_dict({"model": "M4", **overrides}))
+    data = load_cifar10(Settings.from_dict({"model": model, **overrides}))
     storage = tempfile.mkdtemp(prefix="bench-asha-")
     print(f"storage: {storage}", flush=True)
     asha_options = {"grace_period": args.grace_period, "reduction_factor": args.reduction_factor}
+    cells = len(list(itertools.product(*grid.values())))
     connect_ray()
     rows = {}
     for scheduler in ("none", "asha"):
+        name = f"{model.lower()}-{scheduler}"
         if scheduler == "none" and args.reuse_grid:
             # The full grid of an earlier run of this benchmark (same data, settings and
             # grid; its trial ids differ only by the code version they were run at).
-            records = read_records(str(Path(args.reuse_grid) / "m4-none"))
-            if {r.status for r in records} != {"completed"} or len(records) != 12:
-                raise SystemExit(f"--reuse-grid {args.reuse_grid}: not a complete 12-trial grid")
+            records = read_records(str(Path(args.reuse_grid) / name))
+            if {r.status for r in records} != {"completed"} or len(records) != cells:
+                raise SystemExit(f"--reuse-grid {args.reuse_grid}: not a complete "
+                                 f"{cells}-trial {model} grid")
             wall = None
         else:
-            wall, records = sweep(storage, f"m4-{scheduler}", "default", data,
-                                  models=("M4",), overrides=overrides, scheduler=scheduler,
-                                  max_concurrent=2, **asha_options)
+            wall, records = sweep(storage, name, {model: grid}, data, overrides=overrides,
+                                  scheduler=scheduler, max_concurrent=2, **asha_options)
+            if scheduler == "none":
+                keep_grid(Path(storage) / name, records, model)
         best = max(records, key=lambda r: r.best_val_accuracy or 0)
         rows[scheduler] = {
             "trials": len(records), "wall_time_s": None if wall is None else round(wall, 1),
@@ -76,7 +97,7 @@ def asha(args) -> None:
                                      for r in records}),
             "trial_epochs": sum(r.epochs_run for r in records),
             "best_val_accuracy": best.best_val_accuracy, "best_settings": {
-                k: best.settings[k] for k in GRID_FIELDS},
+                k: best.settings[k] for k in fields},
             "best_test_accuracy": best.test_accuracy,
             "stopped_by_scheduler": sum(r.status == "stopped_by_scheduler" for r in records),
             "epochs_per_trial": sorted(r.epochs_run for r in records)}
@@ -85,10 +106,11 @@ def asha(args) -> None:
     share = asha_row["trial_epochs"] / grid_row["trial_epochs"]
     verdict = {"gap_points": round(gap, 2), "epoch_share": round(share, 3),
                "meets_target": gap <= 0.5 and share <= 1 / 3}
+    shape = " x ".join(f"{len(values)} {field}" for field, values in grid.items())
     table = "\n".join([
-        f"# ASHA vs full grid: M4, {grid_row['trials']} configurations, {args.limit:,} "
-        f"CIFAR-10 (JPEG) images ({args.validation_fraction:.0%} held out for validation), "
-        f"{args.epochs} epochs, batch {args.batch_size}", "",
+        f"# ASHA vs full grid: {model}, {grid_row['trials']} configurations ({shape}), "
+        f"{args.limit:,} CIFAR-10 (JPEG) images ({args.validation_fraction:.0%} held out for "
+        f"validation), {args.epochs} epochs, batch {args.batch_size}", "",
         "| | trials | trial-epochs | best val_accuracy | its test_accuracy | wall time (s) |",
         "|---|---|---|---|---|---|",
         *(f"| {k} | {r['trials']} | {r['trial_epochs']} | {r['best_val_accuracy']:.4f} | "
@@ -99,11 +121,24 @@ def asha(args) -> None:
         f"(target: <= 0.5 points with <= 33%): {'met' if verdict['meets_target'] else 'NOT met'}."
         f" ASHA grace period {args.grace_period} epoch(s), reduction factor "
         f"{args.reduction_factor}. One run of each (seed 0); 2 trials at a time, 1 CPU each."])
-    grid = {"M4": {k: sorted({r.settings[k] for r in records}) for k in GRID_FIELDS}}
-    print(write_results("bench-tune-asha", {"grid": grid, "asha": asha_options,
-                                            "overrides": overrides,
-                                            "results": rows, "verdict": verdict}, table))
+    print(write_results(f"bench-tune-asha-{model.lower()}",
+                        {"grid": {model: grid}, "asha": asha_options, "overrides": overrides,
+                         "results": rows, "verdict": verdict}, table))
     print(table)
+
+
+def keep_grid(sweep_dir: Path, records, model: str) -> None:
+    """Copy the grid's records and Tune's trial order under results/ for the offline replay."""
+    out = REPO / "results" / f"bench-tune-asha-{model.lower()}-grid"
+    shutil.rmtree(out, ignore_errors=True)
+    for record in records:
+        target = out / record.trial_id / "trial.json"
+        target.parent.mkdir(parents=True)
+        shutil.copy(sweep_dir / "trials" / record.trial_id / "trial.json", target)
+    # Tune started the trials in the order of their experiment folders' index suffix.
+    order = sorted((p.name.rsplit("_", 1)[-1], p.name.rsplit("_", 2)[0])
+                   for p in sweep_dir.iterdir() if p.is_dir() and p.name != "trials")
+    (out / "order.json").write_text(json.dumps([trial for _, trial in order], indent=1))
 
 
 def overhead(args) -> None:
@@ -139,6 +174,8 @@ def overhead(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("which", choices=("asha", "overhead"))
+    parser.add_argument("--model", choices=sorted(ASHA_GRIDS), default="M4",
+                        help="asha: whose benchmark grid to run.")
     parser.add_argument("--data", required=True)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--limit", type=int, default=10_000)
