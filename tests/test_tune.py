@@ -14,7 +14,7 @@ import pytest
 from cifar_core.records import TrialRecord
 from cifar_core.settings import Settings
 from cifar_core.sweep import (SweepOptions, _check_one_data_source, plan_cells, read_records,
-                              run_sweep)
+                              run_sweep, trial_order)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -114,6 +114,20 @@ def test_invalid_asha_options_exit_2_before_ray(tmp_path, image_folder):
         capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 2 and "--reduction-factor 1" in done.stderr
     assert not (tmp_path / "ladder").exists()
+
+
+def test_trials_start_in_a_fixed_shuffle_under_asha(tmp_path):
+    # The grid's own order (ascending learning rates) is the worst case for asynchronous ASHA.
+    grid = write_grid(tmp_path / "grid.json", {"M1": {"learning_rate": [
+        0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2]}})
+    plain = options(tmp_path, grid=grid)
+    cells = plan_cells(plain, "v1")
+    in_grid_order = [cell.trial_id for cell in cells]
+    assert trial_order(cells, plain) == in_grid_order
+    asha = options(tmp_path, grid=grid, scheduler="asha")
+    shuffled = trial_order(cells, asha)
+    assert sorted(shuffled) == sorted(in_grid_order) and shuffled != in_grid_order
+    assert trial_order(cells, asha) == shuffled  # the same order on every run
 
 
 def test_cells_are_validated_and_hashed_before_ray(tmp_path, image_folder):
