@@ -493,6 +493,9 @@ def record_unfinished(results, options: SweepOptions, cells: dict[str, dict],
     Returns the trials that were neither (the sweep was interrupted, e.g. by Ctrl-C): they
     get no record, so ``--resume`` or a re-submission continues them from their checkpoints.
     """
+    from cifar_core.provenance import provenance
+
+    sweep_provenance = provenance()
     interrupted = []
     for result in results:
         cell = cells[result.config["trial_id"]]
@@ -528,7 +531,8 @@ def record_unfinished(results, options: SweepOptions, cells: dict[str, dict],
             best_val_accuracy=best.get("val_accuracy"), best_epoch=best.get("epoch"),
             wall_time_s=round(sum(m.get("epoch_time_s", 0.0) for m in history), 2),
             resources=meta["resources"], checkpoint_uri=checkpoint_uri, history=history,
-            error=result_error, finished=_now())
+            error=result_error, finished=_now(),
+            provenance=sweep_provenance)  # the driver's: the trial's own died with it
         storage.write_text(record_uri, record.to_json(), options.s3_endpoint)
     return interrupted
 

@@ -74,6 +74,7 @@ def test_asha_stops_weak_trials_early_and_records_why(tmp_path, image_folder, ra
     assert all(r.epochs_run < 9 and r.stop_reason == "stopped_by_scheduler" for r in stopped)
     assert all(r.epochs_run == 9 and r.test_accuracy is not None for r in completed)
     assert all(r.test_accuracy is None for r in stopped)  # never evaluated, never selected
+    assert all(r.provenance["git_commit"] for r in records)
 
 
 def test_sweep_on_s3_storage_and_resubmit(tmp_path, image_folder, s3_bucket, ray_local):
