@@ -66,15 +66,15 @@ def main() -> None:
     print(f"grid: {len(curves)} trials, {grid_epochs} trial-epochs, best {grid_best:.4f}")
     # cifar tune's own order under a scheduler: the grid order, shuffled with seed 0
     # (cifar_core.sweep.run_sweep).
-    shuffled = curves[:]
-    random.Random(0).shuffle(shuffled)
+    own_order = curves[:]
+    random.Random(0).shuffle(own_order)
     print("| reduction factor | grid order: share of epochs, gap (points) | cifar tune's "
           "shuffled order: share, gap | "
           f"{args.orders} random orders: mean share (10th-90th pct.), runs within 0.5 points |")
     print("|---|---|---|---|")
     for rf in (3, 4, 5, 6, 8):
         spent, best = replay(curves, rf, args.grace_period, args.concurrency)
-        own_spent, own_best = replay(shuffled, rf, args.grace_period, args.concurrency)
+        own_spent, own_best = replay(own_order, rf, args.grace_period, args.concurrency)
         shares, hits = [], 0
         for seed in range(args.orders):
             shuffled = curves[:]

@@ -3,7 +3,7 @@
     python bench/tune_bench.py asha --data DIR        # M4, 12 configs, 10k images, 8 epochs
     python bench/tune_bench.py asha --data DIR --limit 5000 --validation-fraction 0.2 \
         --batch-size 128                              # what fit a shared 2-core machine
-    python bench/tune_bench.py asha --model M1 --data DIR --limit 10000 \
+    python bench/tune_bench.py asha --model M1 --data DIR --limit 5000 \
         --validation-fraction 0.2 --batch-size 128    # 48 configs: ASHA's own regime
     python bench/tune_bench.py overhead --data DIR    # 24 short M1 trials
 
