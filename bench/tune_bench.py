@@ -69,7 +69,8 @@ def asha(args) -> None:
                  "batch_size": args.batch_size,
                  "validation_fraction": args.validation_fraction}
     data = load_cifar10(Settings.from_dict({"model": model, **overrides}))
-    storage = tempfile.mkdtemp(prefix="bench-asha-")
+    storage = args.storage or tempfile.mkdtemp(prefix="bench-asha-")
+    label = model.lower() + (f"-{args.tag}" if args.tag else "")
     print(f"storage: {storage}", flush=True)
     asha_options = {"grace_period": args.grace_period, "reduction_factor": args.reduction_factor}
     cells = len(list(itertools.product(*grid.values())))
@@ -89,7 +90,7 @@ def asha(args) -> None:
             wall, records = sweep(storage, name, {model: grid}, data, overrides=overrides,
                                   scheduler=scheduler, max_concurrent=2, **asha_options)
             if scheduler == "none":
-                keep_grid(Path(storage) / name, records, model)
+                keep_grid(Path(storage) / name, records, label)
         best = max(records, key=lambda r: r.best_val_accuracy or 0)
         rows[scheduler] = {
             "trials": len(records), "wall_time_s": None if wall is None else round(wall, 1),
@@ -121,15 +122,15 @@ def asha(args) -> None:
         f"(target: <= 0.5 points with <= 33%): {'met' if verdict['meets_target'] else 'NOT met'}."
         f" ASHA grace period {args.grace_period} epoch(s), reduction factor "
         f"{args.reduction_factor}. One run of each (seed 0); 2 trials at a time, 1 CPU each."])
-    print(write_results(f"bench-tune-asha-{model.lower()}",
+    print(write_results(f"bench-tune-asha-{label}",
                         {"grid": {model: grid}, "asha": asha_options, "overrides": overrides,
                          "results": rows, "verdict": verdict}, table))
     print(table)
 
 
-def keep_grid(sweep_dir: Path, records, model: str) -> None:
+def keep_grid(sweep_dir: Path, records, label: str) -> None:
     """Copy the grid's records and Tune's trial order under results/ for the offline replay."""
-    out = REPO / "results" / f"bench-tune-asha-{model.lower()}-grid"
+    out = REPO / "results" / f"bench-tune-asha-{label}-grid"
     shutil.rmtree(out, ignore_errors=True)
     for record in records:
         target = out / record.trial_id / "trial.json"
@@ -186,6 +187,10 @@ def main() -> None:
     parser.add_argument("--reuse-grid", metavar="STORAGE",
                         help="Take the full grid's records from an earlier run's storage "
                              "(printed as 'storage:') and run only the ASHA sweep.")
+    parser.add_argument("--storage", help="asha: where the sweeps go (default: a new temporary "
+                        "folder); keep it to --reuse-grid later.")
+    parser.add_argument("--tag", help="asha: suffix for the result files, so a variant "
+                        "(e.g. more epochs) does not overwrite the standard run's.")
     parser.add_argument("--grace-period", type=int, default=SweepOptions.grace_period)
     parser.add_argument("--reduction-factor", type=int, default=SweepOptions.reduction_factor)
     args = parser.parse_args()
