@@ -286,28 +286,75 @@ def run_trial(config: dict, data, cells: dict[str, dict]) -> None:
 
 def _latest_earlier_checkpoint(meta: dict):
     """The newest checkpoint an earlier attempt of this cell left in the sweep's storage."""
-    import pyarrow.fs
     from ray import tune
 
     fs, path = storage.filesystem(meta["sweep_uri"], meta.get("s3_endpoint"))
-    selector = pyarrow.fs.FileSelector(path, allow_not_found=True)
-    newest, newest_epoch = None, -1
+    newest = _newest_checkpoints(fs, path).get(meta["trial_id"])
+    return None if newest is None else tune.Checkpoint(newest[0], filesystem=fs)
+
+
+def _newest_checkpoints(fs, sweep_path: str) -> dict[str, tuple[str, int]]:
+    """trial id -> (its newest checkpoint folder, epoch), over every attempt in the sweep.
+
+    Tune names an attempt's folder ``<trial id>_<Tune's id>``; a checkpoint counts once its
+    ``last/state.json`` is written (it is staged and renamed into place, so never partial).
+    """
+    import pyarrow.fs
+
+    newest: dict[str, tuple[str, int]] = {}
+    selector = pyarrow.fs.FileSelector(sweep_path, allow_not_found=True)
     for trial_dir in fs.get_file_info(selector):
-        if not trial_dir.base_name.startswith(meta["trial_id"] + "_"):
+        if trial_dir.type != pyarrow.fs.FileType.Directory or "_" not in trial_dir.base_name:
             continue
+        trial_id = trial_dir.base_name.split("_", 1)[0]
         for entry in fs.get_file_info(pyarrow.fs.FileSelector(trial_dir.path)):
             state = f"{entry.path}/last/state.json"
             if (entry.base_name.startswith("checkpoint_")
                     and fs.get_file_info(state).type == pyarrow.fs.FileType.File):
                 with fs.open_input_stream(state) as stream:
                     epoch = json.loads(stream.read())["epoch"]
-                if epoch > newest_epoch:
-                    newest, newest_epoch = entry.path, epoch
-    if newest is None:
-        return None
-    return tune.Checkpoint(newest, filesystem=fs)
+                if epoch > newest.get(trial_id, ("", -1))[1]:
+                    newest[trial_id] = (entry.path, epoch)
+    return newest
 
 
+def earlier_code_versions(options: SweepOptions, todo: list[Cell]) -> list[str]:
+    """Lines naming the cells to run that this storage already holds under another code version.
+
+    A trial's id hashes the code version, so after a code change the same settings are a new
+    cell: it runs again from epoch 0 and an interrupted trial's checkpoints are not continued
+    (a result must come from one version of the code). Say so, rather than leave a user
+    wondering why ``--resume`` started over.
+    """
+    wanted = {json.dumps(cell.settings.to_dict(), sort_keys=True): cell for cell in todo}
+    if not wanted:
+        return []
+    lines, seen = [], set()
+    for uri in storage.find_files(storage.join_uri(options.sweep_uri, TRIALS_DIR), RECORD_FILE,
+                                  options.s3_endpoint):
+        record = TrialRecord.from_json(storage.read_text(uri, options.s3_endpoint))
+        cell = wanted.get(json.dumps(record.settings, sort_keys=True))
+        if cell is not None and record.trial_id != cell.trial_id:
+            seen.add(record.trial_id)
+            commit = (record.provenance or {}).get("git_commit", "?")
+            lines.append(f"{cell.trial_id}: same settings as {record.trial_id} ({record.status} "
+                         f"at code version {commit[:12]}); runs again at this version")
+    fs, path = storage.filesystem(options.sweep_uri, options.s3_endpoint)
+    for trial_id, (checkpoint, epoch) in sorted(_newest_checkpoints(fs, path).items()):
+        if trial_id in seen:
+            continue
+        try:
+            with fs.open_input_stream(f"{checkpoint}/last/settings.json") as stream:
+                settings = json.loads(stream.read())
+            with fs.open_input_stream(f"{checkpoint}/last/provenance.json") as stream:
+                commit = json.loads(stream.read()).get("git_commit", "?")
+        except (OSError, ValueError):
+            continue  # not one of ours, or from before checkpoints carried these
+        cell = wanted.get(json.dumps(settings, sort_keys=True))
+        if cell is not None and trial_id != cell.trial_id:
+            lines.append(f"{cell.trial_id}: same settings as {trial_id}, interrupted at epoch "
+                         f"{epoch} at code version {commit[:12]}; starts over at this version")
+    return lines
 
 
 def _now() -> str:
@@ -365,6 +412,11 @@ def run_sweep(options: SweepOptions, data=None, address: str | None = None):
     fs, path = storage.pyarrow_filesystem(options.storage, options.s3_endpoint)
     if not todo:
         return leaderboard(options)
+    earlier = earlier_code_versions(options, todo)
+    if earlier:
+        print(f"cifar tune: {len(earlier)} cell(s) to run match trials of another code version "
+              f"in this storage (a trial id includes the code version):\n  "
+              + "\n  ".join(earlier), flush=True)
     if options.resume:
         # Tuner.restore hangs in this Ray when the driver died before its search state was
         # saved; instead the unfinished cells run again and each starts from the newest

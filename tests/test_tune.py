@@ -13,8 +13,9 @@ import pytest
 
 from cifar_core.records import TrialRecord
 from cifar_core.settings import Settings
-from cifar_core.sweep import (SweepOptions, _check_one_data_source, plan_cells, read_records,
-                              run_sweep, trial_order)
+from cifar_core.provenance import git_commit
+from cifar_core.sweep import (SweepOptions, _check_one_data_source, earlier_code_versions,
+                              plan_cells, read_records, run_sweep, trial_order)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -53,10 +54,23 @@ def test_resubmitting_runs_only_missing_cells(tmp_path, image_folder, ray_local)
     assert len(first) == 2
     # Extend the grid: only the new cell runs; the finished ones keep their records.
     grid = write_grid(tmp_path / "grid.json", {"M1": {"learning_rate": [0.01, 0.05, 0.1]}})
-    board = run_sweep(options(tmp_path, grid=grid, overrides=opts.overrides))
+    extended = options(tmp_path, grid=grid, overrides=opts.overrides)
+    board = run_sweep(extended)
     assert len(board) == 3
     again = {r.trial_id: r.finished for r in read_records(opts.sweep_uri)}
     assert {k: again[k] for k in first} == first
+    # After a code change the same settings are new cells (ids hash the code version): the
+    # sweep names the earlier trials they match, so a re-run from epoch 0 is no surprise.
+    assert earlier_code_versions(extended, plan_cells(extended, git_commit())) == []
+    newer = plan_cells(extended, "a-later-commit")
+    lines = earlier_code_versions(extended, newer)
+    assert len(lines) == 3 and all("completed at code version" in line for line in lines)
+    # An interrupted trial has checkpoints but no record: named with the epoch it reached.
+    next(Path(opts.sweep_uri, "trials").glob("*/trial.json")).unlink()
+    lines = earlier_code_versions(extended, newer)
+    assert len(lines) == 3
+    assert sum("interrupted at epoch 1 " in line and "starts over" in line
+               for line in lines) == 1
 
 
 def test_asha_stops_weak_trials_early_and_records_why(tmp_path, image_folder, ray_local):
