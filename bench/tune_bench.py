@@ -5,6 +5,9 @@
         --batch-size 128                              # what fit a shared 2-core machine
     python bench/tune_bench.py asha --model M1 --data DIR --limit 5000 \
         --validation-fraction 0.2 --batch-size 128    # 48 configs: ASHA's own regime
+    python bench/tune_bench.py asha --model M1 --data DIR --limit 10000 \
+        --validation-fraction 0.2 --batch-size 128 --epochs 16 --tag e16
+                                                      # the issue's budget; target met (19%)
     python bench/tune_bench.py overhead --data DIR    # 24 short M1 trials
 
 asha: a model's benchmark grid (ASHA_GRIDS: M4's default grid, 3 learning rates x 2 dropout x
