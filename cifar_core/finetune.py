@@ -404,7 +404,17 @@ def latest_report(options: FinetuneOptions) -> tuple[Any, dict] | None:
     if not storage.exists(storage.join_uri(options.run_uri, RAY_SNAPSHOT_FILE)):
         return None
     fs, path = storage.pyarrow_filesystem(options.run_uri)
-    result = Result.from_path(path, storage_filesystem=fs)
+    for attempt in range(5):
+        try:
+            result = Result.from_path(path, storage_filesystem=fs)
+            break
+        except Exception as error:
+            # Ray rewrites the snapshot in place after every report: read mid-rewrite (a local
+            # disk, or moto, whose S3 objects are not atomic under concurrent requests) it is
+            # cut short and does not parse. Read again; anything else is a real error.
+            if attempt == 4 or not isinstance(error.__cause__, json.JSONDecodeError):
+                raise
+            time.sleep(0.5)
     if result.checkpoint is None:
         return None
     return result.checkpoint, dict(result.metrics or {})

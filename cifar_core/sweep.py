@@ -544,20 +544,28 @@ def record_unfinished(results, options: SweepOptions, cells: dict[str, dict],
 
     Returns the trials that were neither (the sweep was interrupted, e.g. by Ctrl-C): they
     get no record, so ``--resume`` or a re-submission continues them from their checkpoints.
+    That includes cells Tune never got to: under ``max_concurrent_trials`` it creates trials
+    one by one, so a Ctrl-C just after a trial finished leaves the next ones out of ``results``.
     """
     from cifar_core.provenance import provenance
 
+    def completed(record_uri: str) -> bool:
+        if not storage.exists(record_uri, options.s3_endpoint):
+            return False
+        record = TrialRecord.from_json(storage.read_text(record_uri, options.s3_endpoint))
+        return record.status == COMPLETED
+
     sweep_provenance = provenance()
     interrupted = []
+    seen = set()
     for result in results:
         cell = cells[result.config["trial_id"]]
         meta = cell["meta"]
+        seen.add(meta["trial_id"])
         trial_uri = storage.join_uri(options.sweep_uri, TRIALS_DIR, meta["trial_id"])
         record_uri = storage.join_uri(trial_uri, RECORD_FILE)
-        if storage.exists(record_uri, options.s3_endpoint):
-            existing = TrialRecord.from_json(storage.read_text(record_uri, options.s3_endpoint))
-            if existing.status == COMPLETED:
-                continue
+        if completed(record_uri):
+            continue
         settings = Settings.from_dict(cell["settings"])
         history = _history(result)
         errored = result.error is not None
@@ -586,6 +594,9 @@ def record_unfinished(results, options: SweepOptions, cells: dict[str, dict],
             error=result_error, finished=_now(),
             provenance=sweep_provenance)  # the driver's: the trial's own died with it
         storage.write_text(record_uri, record.to_json(), options.s3_endpoint)
+    for trial_id in cells.keys() - seen:  # cells done before this run have completed records
+        if not completed(storage.join_uri(options.sweep_uri, TRIALS_DIR, trial_id, RECORD_FILE)):
+            interrupted.append(trial_id)
     return interrupted
 
 

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -25,9 +26,9 @@ import pytest
 
 import cifar_core  # noqa: F401  (selects tf_keras before TensorFlow loads)
 from cifar_core import storage
-from cifar_core.finetune import (FinetuneError, FinetuneOptions, check_global_batch,
-                                 check_xla, finetune_trial, latest_report, run_finetune,
-                                 scale_learning_rate)
+from cifar_core.finetune import (RAY_SNAPSHOT_FILE, FinetuneError, FinetuneOptions,
+                                 check_global_batch, check_xla, finetune_trial, latest_report,
+                                 run_finetune, scale_learning_rate)
 from cifar_core.records import TrialRecord
 from cifar_core.settings import Settings, SettingsError
 
@@ -283,6 +284,20 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_cluster, m4_data, tmp_p
     # Epochs 1-2 ran in the first attempt; rank 1 died during epoch 3; the restart began at
     # the epoch-2 checkpoint: only the epoch in progress was lost.
     assert starts == {1: 0, 2: 0, 3: 2, 4: 2}
+
+    # Ray rewrites its snapshot after every report; read mid-rewrite it is cut short. Such a
+    # read is retried (the writer finishes), and one that never parses still fails.
+    snapshot = Path(options.run_uri) / RAY_SNAPSHOT_FILE
+    whole = snapshot.read_text()
+    snapshot.write_text(whole[: len(whole) // 2])
+    rewrite = threading.Timer(1.0, snapshot.write_text, args=(whole,))
+    rewrite.start()
+    assert latest_report(options)[1]["epoch"] == 4
+    rewrite.join()
+    snapshot.write_text(whole[: len(whole) // 2])
+    with pytest.raises(Exception) as torn:
+        latest_report(options)
+    assert isinstance(torn.value.__cause__, json.JSONDecodeError)
 
 
 @pytest.mark.slow

@@ -14,8 +14,9 @@ import pytest
 from cifar_core.records import TrialRecord
 from cifar_core.settings import Settings
 from cifar_core.provenance import git_commit
-from cifar_core.sweep import (SweepOptions, _check_one_data_source, earlier_code_versions,
-                              plan_cells, read_records, run_sweep, trial_order)
+from cifar_core.sweep import (SweepOptions, _cell_config, _check_one_data_source,
+                              earlier_code_versions, plan_cells, read_records, record_unfinished,
+                              run_sweep, trial_order)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -143,6 +144,25 @@ def test_trials_start_in_a_fixed_shuffle_under_asha(tmp_path):
     shuffled = trial_order(cells, asha)
     assert sorted(shuffled) == sorted(in_grid_order) and shuffled != in_grid_order
     assert trial_order(cells, asha) == shuffled  # the same order on every run
+
+
+def test_cells_tune_never_created_count_as_interrupted(tmp_path):
+    # Under max_concurrent_trials Tune creates trials one by one: a Ctrl-C right after a trial
+    # finished leaves the rest out of its results. They must count as interrupted (exit 130,
+    # open for --resume), not vanish from the sweep as if it had finished.
+    grid = write_grid(tmp_path / "grid.json", {"M1": {"learning_rate": [0.01, 0.02, 0.03]}})
+    opts = options(tmp_path, grid=grid)
+    cells = plan_cells(opts, "v1")
+    configs = {cell.trial_id: _cell_config(cell, opts) for cell in cells}
+    finished = cells[0]
+    record = TrialRecord(trial_id=finished.trial_id, sweep=opts.name, kind="tune", model="M1",
+                         settings=finished.settings.to_dict(), settings_hash=finished.digest,
+                         status="completed", stop_reason="completed")
+    path = Path(opts.sweep_uri) / "trials" / finished.trial_id / "trial.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(record.to_json())
+    missing = record_unfinished([], opts, configs, stopped_by_scheduler=set())
+    assert sorted(missing) == sorted(cell.trial_id for cell in cells[1:])
 
 
 def test_cells_are_validated_and_hashed_before_ray(tmp_path, image_folder):
