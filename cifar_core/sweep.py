@@ -432,7 +432,7 @@ def run_sweep(options: SweepOptions, data=None, address: str | None = None):
         connect_ray(address)
     if data is None:
         data = load_cifar10((todo or cells)[0].settings)
-    cell_configs = {cell.trial_id: _cell_config(cell, options) for cell in cells}
+    cell_configs = {cell.trial_id: _cell_config(cell, options) for cell in todo}
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, data=data, cells=cell_configs),
         lambda config: _placement(cell_configs[config["trial_id"]]))
@@ -594,7 +594,7 @@ def record_unfinished(results, options: SweepOptions, cells: dict[str, dict],
             error=result_error, finished=_now(),
             provenance=sweep_provenance)  # the driver's: the trial's own died with it
         storage.write_text(record_uri, record.to_json(), options.s3_endpoint)
-    for trial_id in cells.keys() - seen:  # cells done before this run have completed records
+    for trial_id in cells.keys() - seen:  # never created by Tune (unless finished elsewhere)
         if not completed(storage.join_uri(options.sweep_uri, TRIALS_DIR, trial_id, RECORD_FILE)):
             interrupted.append(trial_id)
     return interrupted
