@@ -139,9 +139,8 @@ def _load_batches(folder: Path):
                 raise DataError(f"{folder}: CIFAR-10 batch file {name!r} is missing")
             try:
                 with open(path, "rb") as handle:
-                    batch = pickle.load(handle, encoding="bytes")
-                data = np.asarray(batch[b"data"], dtype=np.uint8)
-                labels = np.asarray(batch[b"labels"], dtype=np.int64)
+                    batch = _BatchUnpickler(handle, encoding="bytes").load()
+                data, labels = _batch_arrays(batch)
                 # Rows are 3072 bytes: 1024 red, then green, then blue, each row-major 32x32.
                 xs.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
                 ys.append(labels)
@@ -151,6 +150,43 @@ def _load_batches(folder: Path):
     x_train, y_train, x_test, y_test = arrays
     _check_labels(y_train, folder)
     return x_train, y_train, x_test, y_test
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR-10 batch files and nothing else.
+
+    A batch is a dict of bytes, lists of ints/bytes and one uint8 numpy array; pickle would
+    otherwise import and call whatever the file names, so whoever can write the data folder or
+    prefix could run code here. Only numpy's array reconstruction (the names numpy 1 and 2
+    pickle under, and ``_codecs.encode``, which protocol 2 uses for bytes) may be looked up
+    (Python docs, pickle: "Restricting Globals").
+    """
+
+    ALLOWED = frozenset({
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")})
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(
+                f"it references {module}.{name}, which a CIFAR-10 batch never contains "
+                "(refused: unpickling it could run code)")
+        return super().find_class(module, name)
+
+
+def _batch_arrays(batch: object) -> tuple[np.ndarray, np.ndarray]:
+    """(data uint8 (N, 3072), labels int64 (N,)) of an unpickled batch, checked."""
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        raise DataError("not a dict with b'data' and b'labels'")
+    data, labels = batch[b"data"], batch[b"labels"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
+            or data.shape[1] != 3 * 32 * 32:
+        raise DataError("b'data' is not a uint8 array of rows of 3072 values")
+    if not isinstance(labels, (list, np.ndarray)) or len(labels) != len(data) or not all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in labels):
+        raise DataError(f"b'labels' is not a list of {len(data)} integers")
+    return data, np.asarray(labels, dtype=np.int64)
 
 
 def _image_files(folder: Path, split: str) -> list[tuple[Path, int]]:

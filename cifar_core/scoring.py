@@ -519,19 +519,14 @@ def make_predict_function(model, input_size: int):
 
 
 def load_model_from_bytes(model_bytes: bytes):
-    """An inference-only Keras model from the bytes of a ``model.keras`` file.
-
-    ``safe_mode=True`` as everywhere (the driver has already loaded the same bytes with
-    ``models.load_checkpoint_model``); ``compile=False`` skips rebuilding the optimizer, which
-    scoring never uses, and keeps ``ray.tune`` (imported by ``models``) out of the actors, so
-    they start sooner.
-    """
-    import tf_keras as keras
+    """An inference-only Keras model from the bytes of a ``model.keras`` file, through the
+    project's one loader (``models.load_checkpoint_model``: archive checked, safe_mode on)."""
+    from cifar_core.models import load_checkpoint_model
 
     with tempfile.TemporaryDirectory(prefix="cifar-score-") as folder:
         path = Path(folder, MODEL_FILE)
         path.write_bytes(model_bytes)
-        return keras.models.load_model(str(path), safe_mode=True, compile=False)
+        return load_checkpoint_model(path, compile=False)
 
 
 class Predictor:

@@ -137,6 +137,9 @@ class Settings:
         Keys whose value is None are treated as "not given", so CLI flags left unset keep the
         model's defaults.
         """
+        if not isinstance(config, dict):
+            raise SettingsError(f"settings must be an object of field: value pairs, got "
+                                f"{type(config).__name__} {str(config)[:80]!r}")
         config = {k: v for k, v in config.items() if v is not None}
         unknown = sorted(set(config) - set(cls.field_names()))
         if unknown:
@@ -150,7 +153,11 @@ class Settings:
 
     @classmethod
     def from_json(cls, text: str) -> "Settings":
-        return cls.from_dict(json.loads(text))
+        try:
+            config = json.loads(text)
+        except ValueError as error:
+            raise SettingsError(f"settings are not valid JSON ({error})") from error
+        return cls.from_dict(config)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -138,6 +138,68 @@ def test_unreadable_batch_file(tmp_path, batches_folder):
         load_raw(str(root))
 
 
+class _Payload:
+    """Pickles to a call of ``pathlib.Path(marker).touch()``: code run by unpickling."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_batch_files_that_would_run_code_are_refused_before_it_runs(tmp_path, batches_folder):
+    import pickle
+
+    root = tmp_path / "copy"
+    shutil.copytree(batches_folder, root)
+    marker = tmp_path / "code-ran"
+    batch = root / "cifar-10-batches-py" / "data_batch_2"
+    with open(batch, "rb") as handle:
+        content = pickle.load(handle)
+    content[b"batch_label"] = _Payload(marker)
+    batch.write_bytes(pickle.dumps(content))
+    with pytest.raises(DataError, match="data_batch_2: .*pathlib.*refused"):
+        load_raw(str(root))
+    assert not marker.exists()
+    pickle.loads(batch.read_bytes())  # control: a plain unpickle does run it
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_batch_files_of_either_pickle_protocol_load(tmp_path, batches_folder, protocol):
+    import pickle
+
+    root = tmp_path / "copy"
+    shutil.copytree(batches_folder, root)
+    for path in (root / "cifar-10-batches-py").iterdir():
+        with open(path, "rb") as handle:
+            content = pickle.load(handle)
+        # What the official files hold besides data and labels (bytes, lists of bytes).
+        content[b"batch_label"] = b"training batch 1 of 5"
+        content[b"filenames"] = [b"x.png"] * len(content[b"labels"])
+        path.write_bytes(pickle.dumps(content, protocol=protocol))
+    for a, b in zip(load_raw(str(root)), load_raw(str(batches_folder))):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("content, problem", [
+    ([1, 2, 3], "not a dict"), ({b"data": "x", b"labels": []}, "b'data' is not"),
+    ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1]}, "b'labels' is not"),
+])
+def test_batch_files_of_the_wrong_shape_are_data_errors(tmp_path, batches_folder, content,
+                                                        problem):
+    import pickle
+
+    root = tmp_path / "copy"
+    shutil.copytree(batches_folder, root)
+    (root / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps(content))
+    with pytest.raises(DataError, match=f"test_batch: .*{problem}"):
+        load_raw(str(root))
+
+
 def test_limit_smaller_than_number_of_classes_is_a_settings_error(image_folder):
     from cifar_core.settings import SettingsError
 

@@ -64,6 +64,15 @@ def test_backbone_phases_freeze_exactly_what_they_should(name, layers, unfrozen)
     assert count(backbone.trainable_weights) == 0
 
 
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_saves_and_loads_through_the_safe_loader(name, tmp_path):
+    model = build_model(seed_settings(name))
+    path = tmp_path / "model.keras"
+    model.save(str(path), save_format="keras_v3")
+    loaded = load_checkpoint_model(path)  # its config names only allowed Keras objects
+    assert loaded.count_params() == model.count_params()
+
+
 def test_m6_has_the_seed_augmentation_in_order():
     model = build_model(seed_settings("M6"))
     kinds = [type(layer).__name__ for layer in model.layers[1:4]]
@@ -109,5 +118,79 @@ def test_loading_refuses_code_carrying_models(tmp_path):
     outputs = keras.layers.Lambda(lambda x: x * 2)(inputs)
     path = tmp_path / "lambda.keras"
     keras.Model(inputs, outputs).save(str(path))
-    with pytest.raises(ModelError, match="cannot load model safely"):
+    with pytest.raises(ModelError, match="refused: it names .Lambda."):
         load_checkpoint_model(str(path))
+
+
+# ---------------------------------------------------------------------------- safe loading
+def _lambda_touching(marker):
+    """A Lambda whose code creates ``marker`` when it runs (the attack: code in the file)."""
+    return eval(f"lambda x: (__import__('pathlib').Path({str(marker)!r}).touch(), x)[1]")
+
+
+@pytest.mark.parametrize("fmt", ["h5", "tf"])
+def test_legacy_formats_at_model_keras_are_refused_before_keras_runs_their_code(tmp_path, fmt):
+    import tf_keras as keras
+
+    marker = tmp_path / "code-ran"
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Lambda(_lambda_touching(marker))(inputs))
+    path = tmp_path / "model.keras"
+    model.save(str(path), save_format=fmt)  # HDF5 file / SavedModel folder named model.keras
+    marker.unlink(missing_ok=True)  # building the model ran the lambda once
+    with pytest.raises(ModelError, match="not a zip-format|is a folder"):
+        load_checkpoint_model(path)
+    assert not marker.exists()
+    # Control: tf_keras itself runs the file's code (safe_mode does not cover these formats),
+    # so the check above is what keeps it out.
+    if fmt == "h5":
+        keras.models.load_model(str(path), safe_mode=True)
+        assert marker.exists()
+
+
+def _rewrite_config(source, target, edit):
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w") as new:
+        for item in old.infolist():
+            data = old.read(item.filename)
+            if item.filename == "config.json":
+                data = json.dumps(edit(json.loads(data))).encode()
+            new.writestr(item, data)
+
+
+@pytest.mark.parametrize("module, name", [
+    ("os", "system"), ("builtins", "eval"), ("keras.layers", "Lambda"),
+    ("keras.src.saving.serialization_lib", "enable_unsafe_deserialization"),
+    ("tf_keras.src.engine.functional", "Sequential"),
+])
+def test_zip_archives_naming_anything_outside_the_allowlist_are_refused(tmp_path, module, name):
+    settings = Settings.from_dict({"model": "M1"})
+    good = tmp_path / "good.keras"
+    build_model(settings).save(str(good), save_format="keras_v3")
+    load_checkpoint_model(good)  # the real archive passes
+
+    def swap_first_dense(config):
+        layer = next(l for l in config["config"]["layers"] if l["class_name"] == "Dense")
+        layer["module"], layer["class_name"] = module, name
+        return config
+
+    bad = tmp_path / "bad.keras"
+    _rewrite_config(good, bad, swap_first_dense)
+    with pytest.raises(ModelError, match=f"refused: it names '{name}'"):
+        load_checkpoint_model(bad)
+
+
+def test_unexpected_archive_members_are_refused(tmp_path):
+    import zipfile
+
+    good = tmp_path / "good.keras"
+    build_model(Settings.from_dict({"model": "M1"})).save(str(good), save_format="keras_v3")
+    bad = tmp_path / "bad.keras"
+    with zipfile.ZipFile(good) as old, zipfile.ZipFile(bad, "w") as new:
+        for item in old.infolist():
+            new.writestr(item, old.read(item.filename))
+        new.writestr("assets/payload.py", "print('hi')")
+    with pytest.raises(ModelError, match="unexpected archive contents.*payload"):
+        load_checkpoint_model(bad)

@@ -351,6 +351,24 @@ def test_whole_job_errors_exit_2_before_ray(tmp_path, samples, trained_run, caps
     assert ray.is_initialized() == ray_was_running  # all found before Ray would start
 
 
+def test_hdf5_checkpoint_is_refused_without_running_its_code(tmp_path, samples, capsys):
+    import tf_keras as keras
+
+    marker = tmp_path / "code-ran"
+    touch = eval(f"lambda x: (__import__('pathlib').Path({str(marker)!r}).touch(), x)[1]")
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Lambda(touch)(inputs)
+    outputs = keras.layers.Dense(10, activation="softmax")(keras.layers.Flatten()(x))
+    folder = tmp_path / "hdf5"
+    folder.mkdir()
+    keras.Model(inputs, outputs).save(str(folder / "model.keras"), save_format="h5")
+    (folder / "settings.json").write_text(Settings(model="M1").to_json())
+    marker.unlink(missing_ok=True)  # building the model ran the lambda once
+    code, _, err = score_main(capsys, samples, "--model", folder, "--out", tmp_path / "o.csv")
+    assert code == 2 and "not a zip-format .keras archive" in err
+    assert not marker.exists()
+
+
 # ---------------------------------------------------------------------------- pipeline runs
 def test_scores_exported_samples_like_training_evaluated_them(ray_module, samples, trained_run,
                                                                 tmp_path, capsys):

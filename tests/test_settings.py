@@ -74,3 +74,9 @@ def test_numpy_numbers_from_tune_grids_are_accepted():
     s = Settings.from_dict({"model": "M1", "batch_size": np.int64(128),
                             "learning_rate": np.float64(0.03)})
     assert s.batch_size == 128 and type(s.batch_size) is int and s.learning_rate == 0.03
+
+
+@pytest.mark.parametrize("text", ["[]", "null", "3", '"M1"', "{not json"])
+def test_settings_json_that_is_not_an_object_is_a_settings_error(text):
+    with pytest.raises(SettingsError, match="settings (must be an object|are not valid JSON)"):
+        Settings.from_json(text)
