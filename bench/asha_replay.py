@@ -65,7 +65,7 @@ def main() -> None:
     grid_best = max(max(c) for c in curves)
     print(f"grid: {len(curves)} trials, {grid_epochs} trial-epochs, best {grid_best:.4f}")
     # cifar tune's own order under a scheduler: the grid order, shuffled with seed 0
-    # (cifar_core.sweep.run_sweep).
+    # (cifar_core.plan.trial_order).
     own_order = curves[:]
     random.Random(0).shuffle(own_order)
     print("| reduction factor | grid order: share of epochs, gap (points) | cifar tune's "

@@ -1,17 +1,49 @@
-"""Shared bits of the benchmark scripts: provenance and median/min/max summaries."""
+"""Shared bits of the benchmark scripts: provenance, median/min/max summaries, ``--data``.
+
+The scripts use the installed package (``pip install -e .``); run them as
+``python bench/<script>.py`` so this folder is on ``sys.path`` for ``from common import ...``.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import statistics
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import cifar_core  # noqa: F401  (tf_keras before TensorFlow)
+from cifar_core.provenance import provenance
 
-import cifar_core  # noqa: E402,F401  (tf_keras before TensorFlow)
-from cifar_core.provenance import provenance  # noqa: E402
+#: The repository's root: results are written to ``REPO / "results"``.
+REPO = Path(__file__).resolve().parent.parent
+
+#: Environment variable naming the CIFAR-10 data when ``--data`` is not given.
+DATA_ENV = "CIFAR10_DATA"
+
+
+def add_data_argument(parser: argparse.ArgumentParser,
+                      what: str = "CIFAR-10 data, as `cifar train --data` takes it", *,
+                      required: bool = True, under: str | None = None) -> None:
+    """``--data DIR``, defaulting to ``$CIFAR10_DATA`` (``$CIFAR10_DATA/<under>`` with
+    ``under``); with neither, argparse stops with "the following arguments are required:
+    --data". ``required=False``: the script checks later with ``require_data`` (for modes that
+    need no data, such as ``--render``)."""
+    default = os.environ.get(DATA_ENV) or None
+    if default is not None and under:
+        default = os.path.join(default, under)
+    now = "unset, so --data is required" if default is None else default
+    env = f"${DATA_ENV}/{under}" if under else f"${DATA_ENV}"
+    help_text = f"{what}. Default: {env} ({now})".replace("%", "%%")  # argparse %-formats
+    parser.add_argument("--data", default=default, required=required and default is None,
+                        metavar="DIR", help=help_text)
+
+
+def require_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """``args.data``, or the argparse error a required ``--data`` gives (exit status 2)."""
+    if not args.data:
+        parser.error(f"the following arguments are required: --data (or set ${DATA_ENV})")
+    return args.data
 
 
 def spread(values: list[float]) -> dict:

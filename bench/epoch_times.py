@@ -2,6 +2,9 @@
 
     python bench/epoch_times.py --data DIR            # ~10 min on 2 CPU cores
 
+DIR is the CIFAR-10 (JPEG) data, as ``cifar train --data`` takes it (default: the CIFAR10_DATA
+environment variable).
+
 Times Keras ``fit`` over ``--steps`` optimizer steps of real CIFAR-10 (JPEG) batches (after a
 warm-up step that compiles the graph), three repeats, and scales to a full epoch of the seed
 split (45,000 training images; 88 steps of 512). Writes results/bench-epoch-times.{json,md}.
@@ -13,7 +16,7 @@ import argparse
 import math
 import time
 
-from common import spread, write_results
+from common import add_data_argument, spread, write_results
 
 from cifar_core.data import load_cifar10, make_dataset
 from cifar_core.models import build_model
@@ -42,7 +45,7 @@ def time_model(model_id: str, data_dir: str, steps: int, repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data", required=True)
+    add_data_argument(parser)
     parser.add_argument("--models", default="M1,M2,M4,M6")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)

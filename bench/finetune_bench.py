@@ -1,7 +1,12 @@
 """Benchmark: the cost of running training inside Ray Train (1 worker) vs plain Keras ``fit``.
 
-    python bench/finetune_bench.py          # M7 (0.35 width, 96 px), 4 repeats: ~15 min, 2 cores
-    python bench/finetune_bench.py --repeats 1 --limit 400 --epochs-per-phase 2  # a quick look
+    python bench/finetune_bench.py --data DIR   # M7 (0.35 width, 96 px), 4 repeats: ~15 min
+    python bench/finetune_bench.py --data DIR --repeats 1 --limit 400 --epochs-per-phase 2
+                                                # a quick look
+    python bench/finetune_bench.py --render results/bench-finetune.json   # only rewrite the .md
+
+DIR is the CIFAR-10 (JPEG) data, as ``cifar train --data`` takes it (default: the CIFAR10_DATA
+environment variable).
 
 Both arms run the same function, ``cifar_core.train.train``, on the same CIFAR-10 (JPEG) subset
 with the same settings: (a) **plain**: a fresh Python process, no Ray; (b) **ray**: a one-worker
@@ -39,12 +44,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from common import REPO, add_data_argument, require_data
 
-import cifar_core  # noqa: E402,F401  (tf_keras before TensorFlow)
+import cifar_core  # noqa: F401  (tf_keras before TensorFlow)
 
-DATA = "/work/data/cifar10"
 RESULTS = REPO / "results"
 #: Niceness of Ray's worker processes (raylet default ``worker_niceness``), given to plain too.
 RAY_WORKER_NICENESS = 15
@@ -83,7 +86,7 @@ def child_plain(args) -> None:
     stamps = []
     start = time.perf_counter()
     result = train(settings, data, Path(args.child_plain) / "run",
-                   report=lambda m, c: stamps.append(time.time()), verbose=0)
+                   report=lambda m, c: stamps.append(time.time()))
     wall = time.perf_counter() - start
     figures = summarize(result.state.history, stamps, len(data.y_train), wall)
     figures["niceness"] = os.nice(0)
@@ -92,7 +95,7 @@ def child_plain(args) -> None:
 
 def run_ray(args, folder: Path, settings, data) -> dict:
     """(b) A one-worker Ray Train run of the same settings on the same arrays."""
-    from cifar_core.finetune import FinetuneOptions, run_finetune
+    from cifar_core.multiworker import FinetuneOptions, run_finetune
 
     options = FinetuneOptions(storage=str(folder / "store"), name="bench", num_workers=1,
                               cpus_per_worker=2.0, max_failures=0, keep_checkpoints=10,
@@ -114,7 +117,7 @@ def _stamping_loop():
 
         import ray.train
 
-        from cifar_core.finetune import train_loop_per_worker
+        from cifar_core.multiworker import train_loop_per_worker
 
         report = ray.train.report
 
@@ -164,7 +167,7 @@ def stats(values: list[float]) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=DATA)
+    add_data_argument(parser, required=False)  # --render needs none
     parser.add_argument("--limit", type=int, default=1200)
     parser.add_argument("--epochs-per-phase", type=int, default=3)
     parser.add_argument("--alpha", type=float, default=0.35)
@@ -181,15 +184,20 @@ def main(argv=None) -> int:
         report = json.loads(Path(args.render).read_text())
         Path(args.render).with_suffix(".md").write_text(markdown(report))
         return 0
+    require_data(parser, args)
 
     from cifar_core.data import load_cifar10
-    from cifar_core.finetune import connect
     from cifar_core.provenance import provenance
+    from cifar_core.ray_glue import connect_ray
 
     settings = bench_settings(args)
     data = load_cifar10(settings)
-    connect(None, num_cpus=2, log_to_driver=False,
-            _temp_dir=tempfile.mkdtemp(prefix="cfbench-", dir="/tmp"))
+    # A private local Ray of 2 CPUs (with the dashboard Ray Train needs); a RAY_ADDRESS set
+    # in the environment joins that cluster instead, which takes no num_cpus or _temp_dir.
+    private = (os.environ.get("RAY_ADDRESS") or "local") == "local"
+    local_ray = ({"num_cpus": 2, "_temp_dir": tempfile.mkdtemp(prefix="cfbench-", dir="/tmp")}
+                 if private else {})
+    connect_ray(None, dashboard=True, log_to_driver=False, **local_ray)
     runs = {"plain": [], "ray": []}
     with tempfile.TemporaryDirectory(prefix="finetune-bench-") as scratch:
         for repeat in range(args.repeats):

@@ -1,7 +1,13 @@
 """Benchmark: batch scoring on the 10,000 CIFAR-10 (JPEG) test images, three ways.
 
-    python bench/score_bench.py                       # M7 and M1, 3 repeats: ~30-60 min, 2 cores
-    python bench/score_bench.py --models M1 --repeats 1 --images 2000   # a quick look
+    python bench/score_bench.py --data DIR/test       # M7 and M1, 3 repeats: ~30-60 min, 2 cores
+    python bench/score_bench.py --data DIR/test --models M1 --repeats 1 --images 2000
+                                                      # a quick look
+    python bench/score_bench.py --render results/bench-score.json --notes "..."
+                                                      # only rewrite the .md (and its notes)
+
+DIR/test is the folder of the 10,000 CIFAR-10 (JPEG) test images (``*.jpg``, any depth); without
+``--data`` it is ``$CIFAR10_DATA/test``.
 
 For each model (M7 = MobileNetV2 at 96 px with a random-init backbone, which times like the
 trained one; M1 = the small baseline CNN), each repeat runs, in this order:
@@ -19,7 +25,7 @@ trained one; M1 = the small baseline CNN), each repeat runs, in this order:
 
 Every measurement records wall time *and* CPU time: (a) and (b) the benchmark process's own CPU
 time (all threads), (c) the summed user+system time of the job's whole process tree (driver,
-Ray's daemons, read/decode tasks, predictor actor; sampled from /proc every 0.25 s). On a shared
+Ray's daemons, read/decode tasks, predictor actor; sampled with psutil every 0.25 s). On a shared
 machine wall-clock rates move with other people's load; CPU-seconds per image barely do, so
 the CPU columns are the steadier comparison. One extra ``cifar score --limit 256`` run per model
 measures the job's fixed start-up cost, so (c)'s per-image CPU can be split into fixed and
@@ -43,14 +49,12 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import numpy as np
+import psutil
 
-import numpy as np  # noqa: E402
+from common import REPO, add_data_argument, require_data
 
-import cifar_core  # noqa: E402,F401  (tf_keras before TensorFlow)
-
-DATA = "/work/data/cifar10/test"
+import cifar_core  # noqa: F401  (tf_keras before TensorFlow)
 
 
 # ---------------------------------------------------------------------------- measuring
@@ -68,39 +72,23 @@ class Timer:
         return False
 
 
-def _process_table() -> dict[int, tuple[int, float]]:
-    """pid -> (parent pid, user+system CPU seconds) for every process, from /proc."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                text = handle.read()
-        except OSError:
-            continue  # exited while we looked
-        fields = text[text.rindex(")") + 2:].split()  # after "(comm)": state, ppid, ...
-        table[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / ticks)
-    return table
-
-
 KIND_RANK = {"other": 0, "ray daemons": 1, "other ray workers": 2, "read+decode tasks": 3,
              "predictor actor": 3, "driver": 3}
 
 
-def process_kind(pid: int, root: int) -> str:
-    """Which part of the job a process is, from its title (Ray retitles its workers)."""
-    if pid == root:
+def process_kind(process: psutil.Process, root: int) -> str:
+    """Which part of the job a process is, from its title (Ray retitles its workers); "" when
+    it cannot be told (gone, a zombie, or not ours to read)."""
+    if process.pid == root:
         return "driver"
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            title = handle.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
+        title = " ".join(process.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):  # ZombieProcess is a NoSuchProcess
         return ""
     if not title.strip():
         return ""  # a zombie (exited, not yet reaped): keep the kind seen while it lived
     for needle, kind in (("Predictor", "predictor actor"), ("read_files", "read+decode tasks"),
+                         ("decode_rows", "read+decode tasks"),
                          ("raylet", "ray daemons"), ("gcs_server", "ray daemons"),
                          ("ray::", "other ray workers")):
         if needle in title:
@@ -108,34 +96,45 @@ def process_kind(pid: int, root: int) -> str:
     return "ray daemons" if "ray" in title else "other"
 
 
+def sample_tree(root: psutil.Process) -> list[tuple[int, float, str]]:
+    """(pid, user+system CPU seconds, kind) of ``root`` and every descendant alive now;
+    processes that exit (or cannot be read) while we look are left out of this sample."""
+    try:
+        processes = [root, *root.children(recursive=True)]
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return []  # the root itself is gone
+    rows = []
+    for process in processes:
+        try:
+            with process.oneshot():
+                times = process.cpu_times()  # a zombie's still reads: its final figure
+                kind = process_kind(process, root.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        rows.append((process.pid, times.user + times.system, kind))
+    return rows
+
+
 def run_tree(command: list[str], **kwargs
              ) -> tuple[subprocess.CompletedProcess, float, float, dict[str, float]]:
     """Run a command; (result, wall seconds, CPU seconds of it and all its descendants, the
     same CPU split by kind of process).
 
-    Descendants are sampled every 0.25 s (each pid's last value kept), so a process that lives
-    less than that may be missed; Ray's workers and daemons live for the whole job.
+    Descendants are sampled with psutil every 0.25 s (each pid's last value kept), so a process
+    that lives less than that may be missed; Ray's workers and daemons live for the whole job.
     """
     seen: dict[int, float] = {}
     kinds: dict[int, str] = {}
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, **kwargs)
+    root = psutil.Process(process.pid)  # not reaped before communicate() returns: still there
     done = threading.Event()
 
     def sample() -> None:
         while not done.wait(0.25):
-            table = _process_table()
-            tree = {process.pid}
-            grew = True
-            while grew:  # close the set of descendants under parent links
-                new = {pid for pid, (parent, _) in table.items()
-                       if parent in tree and pid not in tree}
-                tree |= new
-                grew = bool(new)
-            for pid in tree & set(table):
-                seen[pid] = max(seen.get(pid, 0.0), table[pid][1])
-                kind = process_kind(pid, process.pid)
+            for pid, cpu, kind in sample_tree(root):
+                seen[pid] = max(seen.get(pid, 0.0), cpu)
                 # A worker starts as a plain python process and Ray retitles it "ray::IDLE"
                 # between tasks: keep the most specific kind it was ever seen as.
                 if kind and KIND_RANK[kind] >= KIND_RANK.get(kinds.get(pid, ""), -1):
@@ -154,13 +153,13 @@ def run_tree(command: list[str], **kwargs
     return result, wall, sum(seen.values()), by_kind
 
 
-def make_checkpoint(model_id: str, folder: Path) -> Path:
+def make_checkpoint(model_id: str, folder: Path, data: str) -> Path:
     """A random-init checkpoint folder (model.keras + settings.json) for timing."""
     from cifar_core.models import build_model
     from cifar_core.settings import Settings
 
     extra = {"backbone_weights": "none"} if model_id in ("M5", "M7") else {}
-    settings = Settings.from_dict({"model": model_id, "data": DATA, **extra})
+    settings = Settings.from_dict({"model": model_id, "data": data, **extra})
     folder.mkdir(parents=True, exist_ok=True)
     build_model(settings).save(str(folder / "model.keras"))
     (folder / "settings.json").write_text(settings.to_json())
@@ -248,13 +247,14 @@ def stats(values: list[float]) -> dict:
 
 # ---------------------------------------------------------------------------- one model
 def bench_model(model_id: str, args, workdir: Path) -> dict:
+    from cifar_core.images import decode_image
     from cifar_core.models import load_checkpoint_model
-    from cifar_core.scoring import decode_image, make_predict_function
+    from cifar_core.scoring import make_predict_function
     from cifar_core.settings import Settings
 
-    checkpoint = make_checkpoint(model_id, workdir / f"ckpt-{model_id}")
+    checkpoint = make_checkpoint(model_id, workdir / f"ckpt-{model_id}", args.data)
     settings = Settings.from_json((checkpoint / "settings.json").read_text())
-    model = load_checkpoint_model(str(checkpoint / "model.keras"))
+    model = load_checkpoint_model(checkpoint / "model.keras")
     predict = make_predict_function(model, settings.input_size)
     files = image_files(args.data, args.images)
     bare = np.stack([decode_image(Path(p).read_bytes()) for p in files[: args.bare_images]])
@@ -412,7 +412,8 @@ def markdown(report: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=DATA)
+    add_data_argument(parser, "Folder of the CIFAR-10 (JPEG) test images (*.jpg, any depth)",
+                      required=False, under="test")  # --render needs none
     parser.add_argument("--models", default="M7,M1")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--images", type=int, default=None, help="Subset of the folder.")
@@ -431,6 +432,9 @@ def main() -> int:
         Path(args.render).write_text(json.dumps(report, indent=1) + "\n")
         Path(args.render).with_suffix(".md").write_text(markdown(report))
         return 0
+    require_data(parser, args)
+    if not Path(args.data).is_dir():
+        parser.error(f"--data {args.data}: not a folder (the test images, *.jpg)")
 
     from cifar_core.provenance import provenance
 

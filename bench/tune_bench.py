@@ -10,6 +10,9 @@
                                                       # the issue's budget; target met (19%)
     python bench/tune_bench.py overhead --data DIR    # 24 short M1 trials
 
+DIR is the CIFAR-10 (JPEG) data, as ``cifar train --data`` takes it (default: the CIFAR10_DATA
+environment variable).
+
 asha: a model's benchmark grid (ASHA_GRIDS: M4's default grid, 3 learning rates x 2 dropout x
 2 conv dropout = 12 configurations; or 48 M1 configurations, 4 learning rates x 3 momenta x 4
 dense widths) run twice on a stratified subset (--limit, default 10,000 images) of CIFAR-10
@@ -36,18 +39,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, write_results
+from common import REPO, add_data_argument, write_results
 
 from cifar_core.data import load_cifar10
-from cifar_core.models import SEARCH_SPACES
+from cifar_core.ladder import LADDER
+from cifar_core.plan import SweepOptions
+from cifar_core.ray_glue import connect_ray
 from cifar_core.settings import Settings
-from cifar_core.sweep import SweepOptions, connect_ray, read_records, run_sweep
+from cifar_core.sweep import read_records, run_sweep
 
 # Asynchronous ASHA promotes the first trials to reach a rung for free (nothing to compare
 # them with yet), so its savings show on grids of dozens of trials, not a dozen: M1 is cheap
 # enough to run 48 configurations twice on two cores.
 ASHA_GRIDS = {
-    "M4": {field: domain["grid_search"] for field, domain in SEARCH_SPACES["M4"].items()},
+    "M4": dict(LADDER["M4"].default_grid),
     "M1": {"learning_rate": [0.003, 0.01, 0.03, 0.1], "momentum": [0.0, 0.5, 0.9],
            "dense_units": [50, 100, 200, 400]},
 }
@@ -180,7 +185,7 @@ def main() -> None:
     parser.add_argument("which", choices=("asha", "overhead"))
     parser.add_argument("--model", choices=sorted(ASHA_GRIDS), default="M4",
                         help="asha: whose benchmark grid to run.")
-    parser.add_argument("--data", required=True)
+    add_data_argument(parser)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--limit", type=int, default=10_000)
     # M4's seed batch of 512 makes an epoch of a small subset a handful of steps, too few for

@@ -29,8 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cifar_core.images import DECODER_VERSION, ImageError, decode_image
 from cifar_core.settings import CLASS_NAMES, Settings
-from cifar_core.storage import cache_dir, download_s3_prefix, is_s3
+from cifar_core.storage import atomic_write_bytes, cache_dir, download_s3_prefix, is_s3
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SPLITS = ("train", "test")
@@ -213,7 +214,7 @@ def _image_files(folder: Path, split: str) -> list[tuple[Path, int]]:
 
 def _load_image_folder_cached(folder: Path):
     listing = {split: _image_files(folder, split) for split in SPLITS}
-    digest = hashlib.sha256(str(folder.resolve()).encode())
+    digest = hashlib.sha256(f"{folder.resolve()}\0decoder {DECODER_VERSION}".encode())
     for split in SPLITS:
         for path, label in listing[split]:
             stat = path.stat()
@@ -224,25 +225,19 @@ def _load_image_folder_cached(folder: Path):
             return (arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"])
     arrays = {}
     for split in SPLITS:
-        arrays[f"x_{split}"] = np.stack([_decode_32(path) for path, _ in listing[split]])
+        arrays[f"x_{split}"] = np.stack([_read_image(path) for path, _ in listing[split]])
         arrays[f"y_{split}"] = np.array([label for _, label in listing[split]], dtype=np.int64)
-    partial = cached.with_suffix(".partial.npz")
-    np.savez(partial, **arrays)
-    os.replace(partial, cached)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(cached, buffer.getvalue())
     return arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"]
 
 
-def _decode_32(path: Path) -> np.ndarray:
-    """One image file as 32x32 RGB uint8 (other sizes are resized, as scoring does)."""
-    from PIL import Image
-
+def _read_image(path: Path) -> np.ndarray:
+    """One training image file as 32x32 RGB uint8, by the project's one decoder."""
     try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            if image.size != (32, 32):
-                image = image.resize((32, 32), Image.Resampling.BILINEAR)
-            return np.asarray(image, dtype=np.uint8)
-    except Exception as error:
+        return decode_image(path.read_bytes())
+    except (ImageError, OSError) as error:
         raise DataError(f"{path}: unreadable image ({error})") from error
 
 
@@ -324,10 +319,31 @@ def make_dataset(x: np.ndarray, y: np.ndarray, settings: Settings, *, training: 
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
-def encode_png(image: np.ndarray) -> bytes:
-    """PNG bytes of a uint8 RGB image (used by sample export and test fixtures)."""
-    from PIL import Image
+def export_samples(source: str, count: int, out: str | Path, seed: int = 0) -> list[Path]:
+    """Write ``count`` test-split images of the user's CIFAR-10 copy as PNGs named
+    ``<class>_<test index>.png`` (classes in turn, so every class appears; lossless, so each
+    file is exactly the test image). Test images only: samples are for trying the scorer."""
+    from cifar_core.images import encode_png
 
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
+    if count < 1:
+        raise DataError(f"n={count!r} must be >= 1")
+    _, _, x_test, y_test = load_raw(source)
+    rng = np.random.default_rng(seed)
+    per_class = [list(rng.permutation(np.flatnonzero(y_test == label)))
+                 for label in range(len(CLASS_NAMES))]
+    available = sum(len(indices) for indices in per_class)
+    if count > available:
+        raise DataError(f"n={count} but the test split of {source!r} has {available} images")
+    chosen = []
+    while len(chosen) < count:
+        for indices in per_class:
+            if indices and len(chosen) < count:
+                chosen.append(int(indices.pop(0)))
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for index in chosen:
+        path = folder / f"{CLASS_NAMES[int(y_test[index])]}_{index:05d}.png"
+        path.write_bytes(encode_png(x_test[index]))
+        written.append(path)
+    return written

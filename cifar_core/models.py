@@ -1,9 +1,10 @@
-"""The model ladder M1–M7 as a registry, and each model's search space next to it.
+"""The Keras side of the model ladder: a builder per model id, and the one safe loader.
 
 ``MODELS`` maps a model id to a builder returning an uncompiled Keras model; ``build_model``
 adds the optimizer, loss and metrics. Exact architectures are in
-../shared/docs/model-ladder.md; each model's seed hyperparameters are ``MODEL_DEFAULTS`` in
-``settings.py``. ``SEARCH_SPACES`` are plain dicts of ``tune.*`` values keyed by settings fields.
+../shared/docs/model-ladder.md; everything else about a model (seed settings and accuracy,
+default grid, GPU share, smoke settings) is data in ``ladder.py``. ``load_checkpoint_model``
+is the only way a checkpoint is loaded. No Ray here.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from typing import Any, Callable
 
 import cifar_core  # noqa: F401  (selects tf_keras before TensorFlow loads)
 import tf_keras as keras
-from ray import tune
 from tf_keras import layers
 
-from cifar_core.settings import CLASS_NAMES, MODEL_DEFAULTS, Settings, SettingsError
+from cifar_core.ladder import LADDER
+from cifar_core.settings import CLASS_NAMES, Settings, SettingsError
 
 NUM_CLASSES = len(CLASS_NAMES)
 BACKBONE_NAME = "backbone"
@@ -156,7 +157,7 @@ MODELS: dict[str, Callable[[Settings], keras.Model]] = {
     "M6": build_m6,
     "M7": build_m7,
 }
-assert set(MODELS) == set(MODEL_DEFAULTS), "registry and MODEL_DEFAULTS must list the same ids"
+assert list(MODELS) == list(LADDER), "the registry and the ladder must list the same ids"
 
 
 def resolve_backbone_weights(settings: Settings) -> str | None:
@@ -317,24 +318,3 @@ def load_checkpoint_model(path: str | os.PathLike, compile: bool = True) -> kera
         return keras.models.load_model(str(path), safe_mode=True, compile=compile)
     except Exception as error:
         raise ModelError(f"{path}: cannot load model safely ({error})") from error
-
-
-# ---------------------------------------------------------------------------- search spaces
-#: The ``--grid default`` sweep: a small grid around each model's seed settings, keyed by
-#: settings fields. ``--grid seed`` runs MODEL_DEFAULTS alone.
-SEARCH_SPACES: dict[str, dict] = {
-    "M1": {"learning_rate": tune.grid_search([0.01, 0.03, 0.1]),
-           "batch_size": tune.grid_search([128, 512])},
-    "M2": {"learning_rate": tune.grid_search([0.01, 0.03, 0.1]),
-           "batch_size": tune.grid_search([128, 512])},
-    "M4": {"learning_rate": tune.grid_search([3e-4, 1e-3, 3e-3]),
-           "dropout_rate": tune.grid_search([0.3, 0.5]),
-           "conv_dropout_rate": tune.grid_search([0.1, 0.2])},
-    "M5": {"learning_rate": tune.grid_search([1e-3, 3e-3]),
-           "dropout_rate": tune.grid_search([0.3, 0.5])},
-    "M6": {"learning_rate": tune.grid_search([3e-4, 1e-3]),
-           "augment_rotation": tune.grid_search([0.05, 0.1])},
-    "M7": {"learning_rate": tune.grid_search([1e-4, 3e-4]),
-           "fine_tune_layers": tune.grid_search([30, 50])},
-}
-assert set(SEARCH_SPACES) == set(MODELS)

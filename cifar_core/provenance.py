@@ -1,14 +1,18 @@
-"""Where a result came from: git commit, library versions, machine, time.
+"""Where a result came from: git commit, code version, library versions, machine, time.
 
 Written beside every checkpoint, trial and benchmark. On Ray workers that received the code as a
 ``working_dir`` there is no ``.git``; the driver's commit travels in ``CIFAR_FLEET_COMMIT``
 (``runtime_env_vars`` adds it), so workers report the same commit as the driver.
+
+``code_version`` is what a trial's id hashes: the source of the modules that decide a trial's
+result, so edits elsewhere (README, report, jobs, the sweep driver) keep every id.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import functools
+import hashlib
 import os
 import platform
 import socket
@@ -35,6 +39,21 @@ def git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+#: The modules whose source decides what a trial computes (``code_version``).
+RESULT_MODULES = ("__init__", "ladder", "settings", "models", "data", "images", "train",
+                  "evaluate")
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """12 hex digits of a hash over ``RESULT_MODULES``' source (found even without ``.git``)."""
+    digest = hashlib.sha256()
+    for name in RESULT_MODULES:
+        digest.update(name.encode() + b"\0" + (REPO_ROOT / "cifar_core" / f"{name}.py")
+                      .read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
 
 
 @functools.lru_cache(maxsize=1)
@@ -70,7 +89,8 @@ def machine() -> dict[str, object]:
 
 
 def provenance() -> dict[str, object]:
-    return {"git_commit": git_commit(), "versions": library_versions(), "machine": machine(),
+    return {"git_commit": git_commit(), "code_version": code_version(),
+            "versions": library_versions(), "machine": machine(),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
 
 

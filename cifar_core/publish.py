@@ -15,6 +15,9 @@ Guarantees:
   was uploaded and verified. A reader that starts from ``manifest.json`` sees the previous
   complete publish or the new complete one, never half of one. Older publishes stay in place
   (delete ``publishes/<id>/`` prefixes no manifest names if the space matters).
+- **Newest wins.** The manifest carries ``data_as_of`` (the newest record's finish time) and a
+  ``generation``; it is replaced with a conditional PUT (If-Match the ETag just read), so of
+  two publishes racing, or run one after the other, an older report never replaces a newer.
 - **Checksums.** Each object is sent with its SHA-256 (``ChecksumSHA256``; S3 rejects a body
   that does not match) and checked afterwards with ``head_object(ChecksumMode="ENABLED")``
   against the SHA-256 and, for single-part unencrypted-or-SSE-S3 objects, the ETag (= MD5).
@@ -33,10 +36,8 @@ Guarantees:
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
-import mimetypes
 import posixpath
 import re
 import tempfile
@@ -50,8 +51,6 @@ from cifar_core.provenance import git_commit
 MANIFEST = "manifest.json"
 PUBLISHES = "publishes"
 MANIFEST_FORMAT = 1
-#: S3's limit for one PUT; checkpoints of this project's models are far smaller.
-MAX_SINGLE_PUT_BYTES = 5 * 1024**3
 
 _SAFE_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=+-]{0,199}")
 
@@ -103,37 +102,6 @@ def check_destination(destination: str) -> tuple[str, str]:
     return bucket, prefix
 
 
-# ---------------------------------------------------------------------------- checksums
-@dataclass(frozen=True)
-class Digest:
-    size: int
-    sha256: str   # hex
-    md5: str      # hex
-
-    @property
-    def sha256_base64(self) -> str:
-        return base64.b64encode(bytes.fromhex(self.sha256)).decode()
-
-
-def digest_of(source: Path | bytes) -> Digest:
-    sha, md5, size = hashlib.sha256(), hashlib.md5(), 0
-    if isinstance(source, bytes):
-        chunks = [source]
-    else:
-        chunks = _chunks(Path(source))
-    for chunk in chunks:
-        sha.update(chunk)
-        md5.update(chunk)
-        size += len(chunk)
-    return Digest(size, sha.hexdigest(), md5.hexdigest())
-
-
-def _chunks(path: Path, size: int = 8 << 20):
-    with open(path, "rb") as handle:
-        while chunk := handle.read(size):
-            yield chunk
-
-
 # ---------------------------------------------------------------------------- publishing
 @dataclass
 class PublishResult:
@@ -150,104 +118,84 @@ def publish_items(items: dict[str, Path | bytes], destination: str, *,
                   on_object: OnObject | None = None) -> PublishResult:
     """Upload ``items`` ({relative key: local file or bytes}) then write ``manifest.json``.
 
+    ``extra["data_as_of"]`` orders publishes: a manifest whose data is newer is never replaced
+    by an older one, even when two publishes race (compare-and-swap on the manifest's ETag).
     ``on_object(index, key)`` is called after each object is verified (tests use it to cut the
     connection mid-publish). Raises ``PublishError`` on any failure; nothing is then changed
     for readers, and calling again with the same items completes the publish.
     """
-    from botocore.exceptions import BotoCoreError, ClientError
-
     bucket, prefix = check_destination(destination)
     if not items:
         raise PublishError("nothing to publish")
-    client = client or storage.s3_client(endpoint)
     for relative in items:
         object_key(prefix, relative)  # every key is checked before anything is sent
-    digests = {relative: digest_of(source) for relative, source in items.items()}
+    digests = {relative: storage.digest_of(source) for relative, source in items.items()}
     listing = json.dumps(sorted((k, d.sha256) for k, d in digests.items()))
     publish_id = hashlib.sha256(listing.encode()).hexdigest()[:16]
     base = f"{PUBLISHES}/{publish_id}"
     result = PublishResult(destination, publish_id, object_key(prefix, MANIFEST))
-
     objects, done = [], 0
     try:
+        client = client or storage.s3_client(endpoint)
         for index, relative in enumerate(sorted(items)):
             key = object_key(prefix, f"{base}/{relative}")
             digest = digests[relative]
-            sent = _put_verified(client, bucket, key, items[relative], digest)
+            sent = storage.put_verified(client, bucket, key, items[relative], digest)
             (result.uploaded if sent else result.already_present).append(key)
             objects.append({"path": relative, "key": f"{base}/{relative}", "size": digest.size,
                             "sha256": digest.sha256, "md5": digest.md5})
             done = index + 1
             if on_object is not None:
                 on_object(index, key)
-        manifest = {"format": MANIFEST_FORMAT, "publish_id": publish_id, "base": base,
-                    "objects": objects, "published_by_commit": git_commit(), **(extra or {})}
-        body = json.dumps(manifest, indent=1, sort_keys=True).encode()
-        sent = _put_verified(client, bucket, result.manifest_key, body, digest_of(body))
-        (result.uploaded if sent else result.already_present).append(result.manifest_key)
-    except (BotoCoreError, ClientError, OSError) as error:
+        result.manifest = {"format": MANIFEST_FORMAT, "publish_id": publish_id, "base": base,
+                           "objects": objects, "published_by_commit": git_commit(),
+                           **(extra or {})}
+        _swap_manifest(client, bucket, result)
+    except (*storage.s3_errors(), storage.StorageError, OSError) as error:
         raise PublishError(
             f"publish to {destination} stopped after {done} of {len(items)} objects "
             f"({type(error).__name__}: {error}); manifest.json was not changed, so readers "
             "still see the previous publish. Re-run to complete it.") from error
-    result.manifest = manifest
     return result
 
 
-def _put_verified(client, bucket: str, key: str, source: Path | bytes, digest: Digest) -> bool:
-    """Upload unless an identical object is there; verify. True if it was sent."""
-    if digest.size > MAX_SINGLE_PUT_BYTES:
-        raise PublishError(f"{source}: {digest.size} bytes exceeds one PUT's 5 GiB limit")
-    head = _head(client, bucket, key)
-    if head is not None and _verify(head, digest) is None:
-        return False
-    content_type = mimetypes.guess_type(key)[0] or "application/octet-stream"
-    arguments = dict(Bucket=bucket, Key=key, ContentType=content_type,
-                     ChecksumAlgorithm="SHA256", ChecksumSHA256=digest.sha256_base64,
-                     Metadata={"sha256": digest.sha256})
-    if isinstance(source, bytes):
-        client.put_object(Body=source, **arguments)
-    else:
-        with open(source, "rb") as body:  # seekable, so botocore can rewind on a retry
-            client.put_object(Body=body, **arguments)
-    head = _head(client, bucket, key)
-    problem = "it is missing after the upload" if head is None else _verify(head, digest)
-    if problem:
-        raise PublishError(f"s3://{bucket}/{key}: verification failed after upload: {problem}")
-    return True
-
-
-def _head(client, bucket: str, key: str) -> dict | None:
-    from botocore.exceptions import ClientError
-
-    try:
-        return client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
-    except ClientError as error:
-        if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-            return None
-        raise
-
-
-def _verify(head: dict, digest: Digest) -> str | None:
-    """None if the stored object matches ``digest``, else what differs."""
-    if head.get("ContentLength") != digest.size:
-        return f"size {head.get('ContentLength')} != {digest.size}"
-    checked = False
-    stored_sha = head.get("ChecksumSHA256")
-    if stored_sha:
-        if stored_sha != digest.sha256_base64:
-            return f"SHA-256 {stored_sha} != {digest.sha256_base64}"
-        checked = True
-    etag = str(head.get("ETag", "")).strip('"')
-    # A single-part object's ETag is its MD5 unless it is encrypted with KMS (or uploaded in
-    # parts, which adds a '-N' suffix); only then is it a checksum we can compare.
-    if etag and "-" not in etag and head.get("ServerSideEncryption") != "aws:kms":
-        if etag != digest.md5:
-            return f"ETag {etag} != MD5 {digest.md5}"
-        checked = True
-    if not checked:
-        return "the store returned neither a SHA-256 checksum nor an MD5 ETag to verify"
-    return None
+def _swap_manifest(client, bucket: str, result: PublishResult, attempts: int = 5) -> None:
+    """Make ``result.manifest`` current unless the current one is the same publish or has
+    newer data; a conditional PUT (If-Match the ETag read, or If-None-Match for the first)
+    makes S3 refuse the write if another publish replaced the manifest in between."""
+    manifest, key = result.manifest, result.manifest_key
+    for _ in range(attempts):
+        current = storage.get_object(client, bucket, key)
+        condition = {"IfNoneMatch": "*"}
+        if current is not None:
+            body, etag = current
+            existing = json.loads(body)
+            if existing.get("publish_id") == manifest["publish_id"]:
+                result.already_present.append(key)
+                result.manifest = existing
+                return
+            if str(existing.get("data_as_of") or "") > str(manifest.get("data_as_of") or ""):
+                raise PublishError(
+                    f"s3://{bucket}/{key} is a newer publish (data as of "
+                    f"{existing.get('data_as_of')}) than this one ({manifest.get('data_as_of')}"
+                    f"); it was left in place. This publish's objects are under "
+                    f"{manifest['base']}/ (not current).")
+            manifest["generation"] = int(existing.get("generation") or 0) + 1
+            condition = {"IfMatch": etag}
+        else:
+            manifest["generation"] = 1
+        body = json.dumps(manifest, indent=1, sort_keys=True).encode()
+        try:
+            storage.put_verified(client, bucket, key, body, storage.digest_of(body), condition)
+        except storage.s3_errors() as error:
+            if storage.error_code(error) in ("PreconditionFailed", "412",
+                                             "ConditionalRequestConflict"):
+                continue  # another publish wrote the manifest meanwhile: look again
+            raise
+        result.uploaded.append(key)
+        return
+    raise PublishError(f"s3://{bucket}/{key}: the manifest kept changing under {attempts} "
+                       "attempts to replace it; re-run the publish")
 
 
 # ---------------------------------------------------------------------------- a report's objects
@@ -282,6 +230,7 @@ def publish_report(report, destination: str, *, endpoint: str | None = None, cli
                    on_object: OnObject | None = None) -> PublishResult:
     """Publish a built report (tables, report files, metrics, best checkpoints) to S3."""
     check_destination(destination)
+    winner = report.winner()
     best = {model: {"trial_id": record.trial_id, "sweep": record.sweep,
                     "test_accuracy": record.test_accuracy,
                     "best_val_accuracy": record.best_val_accuracy,
@@ -289,15 +238,25 @@ def publish_report(report, destination: str, *, endpoint: str | None = None, cli
             for model, record in sorted(report.best_records().items())}
     with tempfile.TemporaryDirectory(prefix="cifar-publish-") as scratch:
         items = report_items(report, Path(scratch), endpoint)
-        return publish_items(items, destination, extra={"best_checkpoints": best},
-                             endpoint=endpoint, client=client, on_object=on_object)
+        extra = {"best_checkpoints": best, "data_as_of": data_as_of(report.records),
+                 "winner": {"trial_id": winner.trial_id, "sweep": winner.sweep,
+                            "model": winner.model} if winner else None}
+        return publish_items(items, destination, extra=extra, endpoint=endpoint,
+                             client=client, on_object=on_object)
+
+
+def data_as_of(records) -> str:
+    """When the newest record of a report finished (what orders two publishes)."""
+    return max((r.finished or (r.provenance or {}).get("created") or "" for r in records),
+               default="")
 
 
 def read_manifest(destination: str, endpoint: str | None = None, client=None) -> dict | None:
     """The current manifest at ``destination``, or None if nothing was published there."""
     bucket, prefix = check_destination(destination)
-    client = client or storage.s3_client(endpoint)
-    key = object_key(prefix, MANIFEST)
-    if _head(client, bucket, key) is None:
-        return None
-    return json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    try:
+        found = storage.get_object(client or storage.s3_client(endpoint), bucket,
+                                   object_key(prefix, MANIFEST))
+    except storage.s3_errors() as error:
+        raise PublishError(f"{destination}: cannot read manifest.json ({error})") from error
+    return None if found is None else json.loads(found[0])

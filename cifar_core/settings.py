@@ -3,8 +3,8 @@
 A Tune trial's config, a CLI invocation and a checkpoint's ``settings.json`` all become a
 ``Settings`` through ``Settings.from_dict``; an unknown key or a bad value raises
 ``SettingsError`` naming the field and the value *before* any data is read or any cluster work
-starts. Each model's seed-notebook values live in ``MODEL_DEFAULTS``; a field given explicitly
-overrides them.
+starts. Each model's seed-notebook values come from the ladder (``ladder.LADDER``); a field
+given explicitly overrides them.
 
 This module imports neither TensorFlow nor Ray, so validating a whole grid costs milliseconds.
 """
@@ -18,40 +18,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from cifar_core.ladder import LADDER, MODEL_IDS
+
 #: CIFAR-10's classes, in the order the data set numbers them (label 0..9).
 CLASS_NAMES = (
     "airplane", "automobile", "bird", "cat", "deer",
     "dog", "frog", "horse", "ship", "truck",
 )
-
-#: The seed notebook's settings for each model (../shared/docs/model-ladder.md). Anything not
-#: listed takes the field default below. Test accuracies of the notebook are in SEED_ACCURACY.
-MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
-    "M1": dict(num_epochs=50, batch_size=512, optimizer="sgd", learning_rate=0.01,
-               dense_units=100, dropout_rate=0.0),
-    "M2": dict(num_epochs=50, batch_size=512, optimizer="sgd", learning_rate=0.01,
-               dense_units=128, dropout_rate=0.0),
-    "M4": dict(num_epochs=50, batch_size=512, optimizer="adam", learning_rate=1e-3,
-               dense_units=128, dropout_rate=0.5, conv_dropout_rate=0.2),
-    "M5": dict(num_epochs=20, batch_size=64, optimizer="sgd", learning_rate=1e-3,
-               momentum=0.9, nesterov=True, dense_units=256, dropout_rate=0.5, image_size=64),
-    "M6": dict(num_epochs=25, batch_size=512, optimizer="adam", learning_rate=1e-3,
-               dense_units=128, dropout_rate=0.5, augment_contrast=0.1, augment_flip=True,
-               augment_rotation=0.1),
-    # Rotation 15 degrees = 15/360 of a turn; shifts 10 %; flips. Phase 1 20 epochs at 1e-4,
-    # phase 2 15 epochs at 1e-5 with the last 50 backbone layers trainable.
-    "M7": dict(num_epochs=20, batch_size=64, optimizer="adam", learning_rate=1e-4,
-               dense_units=256, dropout_rate=0.4, image_size=96, augment_rotation=15 / 360,
-               augment_shift=0.1, augment_flip=True, fine_tune_epochs=15,
-               fine_tune_learning_rate=1e-5, fine_tune_layers=50, early_stopping_patience=5,
-               reduce_lr_patience=3),
-}
-
-#: Test accuracy the seed notebook reported for each model (original pickled CIFAR-10).
-SEED_ACCURACY = {"M1": 0.552, "M2": 0.580, "M4": 0.782, "M5": 0.672, "M6": 0.825, "M7": 0.886}
-
-#: Models whose convolutional base is a pretrained backbone.
-BACKBONE_MODELS = ("M5", "M7")
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -69,7 +42,7 @@ def _help(text: str, **kwargs: Any) -> Any:
 class Settings:
     """Everything one training run depends on. Field names are the CLI flags and Tune keys."""
 
-    model: str = _help("Model id from the registry: M1, M2, M4, M5, M6 or M7.", default="M4")
+    model: str = _help(f"Model id from the ladder: {', '.join(MODEL_IDS)}.", default="M4")
     data: str = _help(
         "CIFAR-10 source: 'keras' (download), a cifar-10-batches-py directory, an image-folder "
         "directory <root>/{train,test}/<class>/*, or s3://bucket/prefix holding either.",
@@ -146,10 +119,10 @@ class Settings:
             raise SettingsError(
                 f"unknown settings field(s) {unknown}; valid fields: {cls.field_names()}")
         model = config.get("model", cls.__dataclass_fields__["model"].default)
-        if model not in MODEL_DEFAULTS:
+        if model not in LADDER:
             raise SettingsError(
-                f"model={model!r} is not a known model; valid models: {sorted(MODEL_DEFAULTS)}")
-        return cls(**{**MODEL_DEFAULTS[model], **config, "model": model})
+                f"model={model!r} is not a known model; valid models: {list(MODEL_IDS)}")
+        return cls(**{**LADDER[model].seed_settings, **config, "model": model})
 
     @classmethod
     def from_json(cls, text: str) -> "Settings":
@@ -181,9 +154,9 @@ class Settings:
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
-        if self.model not in MODEL_DEFAULTS:
+        if self.model not in LADDER:
             raise SettingsError(
-                f"model={self.model!r} is not a known model; valid: {sorted(MODEL_DEFAULTS)}")
+                f"model={self.model!r} is not a known model; valid: {list(MODEL_IDS)}")
         self._check_types()
         for name in ("learning_rate", "fine_tune_learning_rate"):
             value = getattr(self, name)
@@ -220,9 +193,10 @@ class Settings:
                 f"({len(CLASS_NAMES)}): a stratified subset needs at least one image per class")
         if self.image_size is not None and self.image_size < 32:
             raise SettingsError(f"image_size={self.image_size!r} must be >= 32 (or None)")
-        if self.fine_tune_epochs and self.model not in BACKBONE_MODELS:
+        if self.fine_tune_epochs and LADDER[self.model].backbone is None:
+            backbones = [m for m, r in LADDER.items() if r.backbone]
             raise SettingsError(
-                f"fine_tune_epochs={self.fine_tune_epochs!r}: only {BACKBONE_MODELS} have a "
+                f"fine_tune_epochs={self.fine_tune_epochs!r}: only {backbones} have a "
                 "backbone to fine-tune")
         self._check_weights()
         if isinstance(self.data, str) and self.data != "keras" and not self.data.startswith("s3://"):

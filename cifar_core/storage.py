@@ -1,43 +1,68 @@
-"""Storage paths and object-store access, local and ``s3://`` alike.
+"""Storage: the layout of everything the jobs write, and every file and object-store call.
 
-One module owns how URIs are parsed, where the local cache lives and how S3 is reached, so the
-rest of the code never builds a boto3 client or a pyarrow filesystem of its own.
+URIs, layout names, atomic writes, the local cache and S3 (boto3 with bounded retries, and
+the pyarrow filesystem Ray writes with) live here, so no other module builds a client or a
+path of its own. A sweep (or fine-tune run), local or ``s3://`` alike:
 
-S3-compatible stores (MinIO, moto in the tests) are reached through an endpoint override: the
-``--s3-endpoint`` option of the jobs, or the standard ``AWS_ENDPOINT_URL`` environment variable,
-which boto3 honours by itself. Credentials come only from the usual AWS sources (environment,
-shared config, instance profile); nothing here reads or writes them.
+    <storage>/<name>/sweep.json                      what was asked for, with provenance
+    <storage>/<name>/trials/<trial_id>/trial.json    the trial's record (records.py)
+    <storage>/<name>/trials/<trial_id>/best/         its best checkpoint (model.keras, ...)
+    <storage>/<name>/<ray folders>                   Ray Tune / Train's own state
+
+A training workdir (``train.py``): ``checkpoints/{last,best}/``, ``metrics.jsonl``,
+``evaluation.json``, ``settings.json``. Writes never leave a cut file: a local file is
+written beside its target, fsynced and renamed; a local folder is staged and swapped; an S3
+object is visible only once its upload completes. ``--s3-endpoint``/``AWS_ENDPOINT_URL`` reach
+S3-compatible stores; credentials come only from the usual AWS sources.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import urlsplit
 
-#: Bounded retries with back-off for every boto3 call ("standard" mode: throttling and
-#: transient 5xx errors are retried, at most this many attempts in all).
+# ---------------------------------------------------------------------------- layout names
+SWEEP_FILE = "sweep.json"
+TRIALS_DIR = "trials"
+RECORD_FILE = "trial.json"
+CHECKPOINTS_DIR = "checkpoints"
+BEST, LAST = "best", "last"
+MODEL_FILE = "model.keras"
+SETTINGS_FILE = "settings.json"
+STATE_FILE = "state.json"
+PROVENANCE_FILE = "provenance.json"
+EVALUATION_FILE = "evaluation.json"
+METRICS_FILE = "metrics.jsonl"
+
+#: Bounded retries for every boto3 call ("standard" mode: throttling and transient 5xx).
 S3_MAX_ATTEMPTS = 5
+#: S3's limit for one PUT; checkpoints of this project's models are far smaller.
+MAX_SINGLE_PUT_BYTES = 5 * 1024**3
 
 
 class StorageError(RuntimeError):
-    """An object-store location is malformed, missing or unreachable."""
+    """A location is malformed, missing or unreachable."""
 
 
-def is_s3(uri: str | os.PathLike) -> bool:
-    return str(uri).startswith("s3://")
+#: A sweep or run name: one plain path component, the same as a local folder and an S3 key.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=+-]{0,127}")
 
 
-def split_s3(uri: str) -> tuple[str, str]:
-    """``s3://bucket/some/prefix`` -> ``("bucket", "some/prefix")`` (no trailing slash)."""
-    parsed = urlparse(uri)
-    if parsed.scheme != "s3" or not parsed.netloc:
-        raise StorageError(f"{uri!r} is not an s3://bucket/prefix URI")
-    return parsed.netloc, parsed.path.strip("/")
+def check_name(name: str, what: str = "name") -> str:
+    """A sweep or run name must be one plain component: no '/', '..', '#', '?' or spaces, so
+    it can neither leave its storage nor mean different keys to different tools."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise StorageError(f"{what} {name!r}: use letters, digits and . _ = + - only "
+                           "(starting with a letter or digit, at most 128 characters)")
+    return name
 
 
 def join_uri(base: str, *parts: str) -> str:
@@ -47,38 +72,116 @@ def join_uri(base: str, *parts: str) -> str:
     return str(Path(base, *parts))
 
 
+def trial_uri(sweep_uri: str, trial_id: str, *names: str) -> str:
+    """``<sweep>/trials/<trial_id>[/names...]``: where a trial's record and best/ live."""
+    return join_uri(sweep_uri, TRIALS_DIR, trial_id, *names)
+
+
+def parent_uri(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[0]
+
+
+# ---------------------------------------------------------------------------- URIs and S3
+def is_s3(uri: str | os.PathLike) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def split_s3_object(uri: str) -> tuple[str, str]:
+    """``s3://bucket/key`` -> ``("bucket", "key")``, the key byte for byte.
+
+    No URL parsing: ``#`` and ``?`` are ordinary characters in object keys (and in users'
+    file and run names); ``urlparse`` would cut the key there.
+    """
+    bucket, _, key = str(uri).removeprefix("s3://").partition("/")
+    if not is_s3(uri) or not bucket or not key:
+        raise StorageError(f"{uri!r} is not an s3://bucket/key URI")
+    return bucket, key
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix/`` -> ``("bucket", "some/prefix")`` (no slash at either end)."""
+    bucket, _, prefix = str(uri).removeprefix("s3://").partition("/")
+    if not is_s3(uri) or not bucket:
+        raise StorageError(f"{uri!r} is not an s3://bucket/prefix URI")
+    return bucket, prefix.strip("/")
+
+
 def s3_endpoint(endpoint: str | None = None) -> str | None:
-    return endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
+    """The endpoint override in force (``endpoint``, else ``AWS_ENDPOINT_URL``), checked."""
+    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
+    if endpoint is not None:
+        check_endpoint(endpoint)
+    return endpoint
+
+
+def check_endpoint(endpoint: str) -> str:
+    """An S3 endpoint must be an http(s)://host[:port] URL; say so before anything connects."""
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise StorageError(f"--s3-endpoint {endpoint!r} must be an http:// or https:// URL, "
+                           "e.g. http://127.0.0.1:9000")
+    return endpoint
+
+
+_S3_CLIENTS: dict[str | None, object] = {}
 
 
 def s3_client(endpoint: str | None = None):
-    """A boto3 S3 client with standard bounded retries and the optional endpoint override."""
+    """A boto3 S3 client (one per process and endpoint: clients are thread-safe and cost
+    ~50 ms to build) with standard bounded retries and the optional endpoint override."""
     import boto3
     from botocore.config import Config
 
-    config = Config(retries={"mode": "standard", "max_attempts": S3_MAX_ATTEMPTS},
-                    connect_timeout=10, read_timeout=60)
-    return boto3.client("s3", endpoint_url=s3_endpoint(endpoint), config=config)
+    endpoint = s3_endpoint(endpoint)
+    if endpoint not in _S3_CLIENTS:
+        config = Config(retries={"mode": "standard", "max_attempts": S3_MAX_ATTEMPTS},
+                        connect_timeout=10, read_timeout=60, max_pool_connections=32)
+        _S3_CLIENTS[endpoint] = boto3.client("s3", endpoint_url=endpoint, config=config)
+    return _S3_CLIENTS[endpoint]
+
+
+def s3_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions a boto3 call raises (so callers can catch them without importing it)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return BotoCoreError, ClientError
+
+
+def error_code(error: BaseException) -> str | None:
+    """S3's error code of a failed call ("NoSuchKey", "PreconditionFailed", "404", ...)."""
+    return getattr(error, "response", {}).get("Error", {}).get("Code")
 
 
 def pyarrow_filesystem(uri: str, endpoint: str | None = None):
-    """The (filesystem, path) pair Ray's ``RunConfig(storage_filesystem=...)`` wants.
-
-    Local paths return ``(None, absolute path)``, letting Ray use its default.
-    """
+    """The (filesystem, path) pair Ray's ``RunConfig(storage_filesystem=...)`` wants; local
+    paths give ``(None, absolute path)``, letting Ray use its default."""
     if not is_s3(uri):
         return None, str(Path(uri).resolve())
     import pyarrow.fs
 
     bucket, key = split_s3(uri)
     kwargs = {}
-    if s3_endpoint(endpoint):
-        parsed = urlparse(s3_endpoint(endpoint))
-        kwargs = dict(endpoint_override=parsed.netloc, scheme=parsed.scheme or "https")
+    endpoint = s3_endpoint(endpoint)
+    if endpoint:
+        parts = urlsplit(endpoint)
+        kwargs = dict(endpoint_override=parts.netloc, scheme=parts.scheme)
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kwargs["region"] = region
     return pyarrow.fs.S3FileSystem(**kwargs), f"{bucket}/{key}".rstrip("/")
+
+
+def filesystem(uri: str, endpoint: str | None = None):
+    """(pyarrow filesystem, path inside it) for a local path or an s3:// URI."""
+    import pyarrow.fs
+
+    fs, path = pyarrow_filesystem(uri, endpoint)
+    return (fs or pyarrow.fs.LocalFileSystem()), path
+
+
+def as_uri(uri_like: str, storage: str) -> str:
+    """A path Ray reports inside ``storage``'s filesystem (it strips "s3://") as a URI."""
+    return ("s3://" + uri_like.removeprefix("s3://")) if is_s3(storage) else uri_like
 
 
 def cache_dir(*parts: str) -> Path:
@@ -89,28 +192,136 @@ def cache_dir(*parts: str) -> Path:
     return path
 
 
-def list_s3(uri: str, endpoint: str | None = None) -> list[dict]:
-    """Every object under an s3:// prefix: dicts with Key, Size, ETag."""
+# ---------------------------------------------------------------------------- local atomicity
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``path`` so that a reader (or a crash) sees the old file or the new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+                                         suffix=".partial")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def replace_dir(staging: Path, target: Path) -> None:
+    """Swap a fully written folder into place; a crash leaves the old or the new, never half."""
+    old = target.with_name("." + target.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def copy_dir(source: Path, target: Path) -> None:
+    """Copy a folder onto ``target`` atomically (staged beside it, then swapped)."""
+    staging = target.with_name("." + target.name + ".copy")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    replace_dir(staging, target)
+
+
+# ---------------------------------------------------------------------------- uniform file access
+def write_text(uri: str, text: str, endpoint: str | None = None) -> None:
+    write_bytes(uri, text.encode(), endpoint)
+
+
+def read_text(uri: str, endpoint: str | None = None) -> str:
+    return read_bytes(uri, endpoint).decode()
+
+
+def write_bytes(uri: str, data: bytes, endpoint: str | None = None) -> None:
+    if not is_s3(uri):
+        atomic_write_bytes(uri, data)
+        return
+    bucket, key = split_s3_object(uri)
+    s3_client(endpoint).put_object(Bucket=bucket, Key=key, Body=data)  # visible when complete
+
+
+def read_bytes(uri: str, endpoint: str | None = None, max_bytes: int | None = None) -> bytes:
+    """The bytes at ``uri``; more than ``max_bytes`` raises ``StorageError`` (read stops there)."""
+    if is_s3(uri):
+        bucket, key = split_s3_object(uri)
+        extra = {"Range": f"bytes=0-{max_bytes}"} if max_bytes is not None else {}
+        try:
+            body = s3_client(endpoint).get_object(Bucket=bucket, Key=key, **extra)["Body"]
+        except s3_errors() as error:
+            if error_code(error) != "InvalidRange":  # S3's answer to a range of an empty object
+                raise
+            return b""
+        data = body.read() if max_bytes is None else body.read(max_bytes + 1)
+    else:
+        with open(uri, "rb") as handle:
+            data = handle.read() if max_bytes is None else handle.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise StorageError(f"{uri}: more than {max_bytes} bytes")
+    return data
+
+
+def exists(uri: str, endpoint: str | None = None) -> bool:
+    import pyarrow.fs
+
+    fs, path = filesystem(uri, endpoint)
+    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+
+def list_files(uri: str, endpoint: str | None = None) -> list[str]:
+    """Every file below ``uri`` (recursive, one listing), as URIs of the same kind."""
+    import pyarrow.fs
+
+    fs, path = filesystem(uri, endpoint)
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True))
+    except FileNotFoundError:
+        return []
+    found = sorted(i.path for i in infos if i.type == pyarrow.fs.FileType.File)
+    return ["s3://" + p for p in found] if is_s3(uri) else found
+
+
+def find_files(uri: str, name: str, endpoint: str | None = None) -> list[str]:
+    """Every file called ``name`` anywhere below ``uri``."""
+    return [f for f in list_files(uri, endpoint) if f.rsplit("/", 1)[-1] == name]
+
+
+def read_many(uris: list[str], endpoint: str | None = None, threads: int = 16
+              ) -> list[bytes | BaseException]:
+    """The bytes of each URI, read in parallel; a failed read is its exception, in its place."""
+    def read(uri: str) -> bytes | BaseException:
+        try:
+            return read_bytes(uri, endpoint)
+        except Exception as error:
+            return error
+
+    if len(uris) <= 1 or not any(is_s3(u) for u in uris):
+        return [read(u) for u in uris]
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(read, uris))
+
+
+# ---------------------------------------------------------------------------- folders
+def iter_s3(uri: str, endpoint: str | None = None):
+    """The objects under an s3:// prefix, page by page (1,000 keys a request), streamed."""
     bucket, prefix = split_s3(uri)
     client = s3_client(endpoint)
     paginator = client.get_paginator("list_objects_v2")
-    objects = []
     try:
         for page in paginator.paginate(Bucket=bucket, Prefix=prefix + "/" if prefix else ""):
-            objects.extend(page.get("Contents", []))
+            yield from page.get("Contents", [])
     except client.exceptions.NoSuchBucket as error:
         raise StorageError(f"{uri}: bucket {bucket!r} does not exist") from error
-    return objects
 
 
 def download_s3_prefix(uri: str, endpoint: str | None = None, workers: int = 16) -> Path:
-    """Mirror an s3:// prefix into the local cache and return the local folder.
-
-    The cache entry is keyed by the URI and the objects' ETags, so a changed object is fetched
-    again, and completed with a marker file so an interrupted download is never mistaken for a
-    whole one.
-    """
-    objects = list_s3(uri, endpoint)
+    """Mirror an s3:// prefix into the local cache (keyed by URI and ETags, so a changed
+    object is fetched again; a marker file marks it whole) and return the local folder."""
+    objects = list(iter_s3(uri, endpoint))
     if not objects:
         raise StorageError(f"{uri}: no objects under this prefix")
     digest = hashlib.sha256(uri.encode())
@@ -141,11 +352,11 @@ def download_s3_prefix(uri: str, endpoint: str | None = None, workers: int = 16)
 
 def download_s3_file(uri: str, endpoint: str | None = None) -> Path:
     """Fetch one s3:// object into the local cache (keyed by URI and ETag); return its path."""
-    bucket, key = split_s3(uri)
+    bucket, key = split_s3_object(uri)
     client = s3_client(endpoint)
     try:
         head = client.head_object(Bucket=bucket, Key=key)
-    except Exception as error:  # botocore raises a generic ClientError for 403/404
+    except s3_errors() as error:
         raise StorageError(f"{uri}: cannot read this object ({error})") from error
     digest = hashlib.sha256(f"{uri}\0{head.get('ETag', '')}".encode()).hexdigest()[:24]
     target = cache_dir("s3-files", digest) / Path(key).name
@@ -156,75 +367,30 @@ def download_s3_file(uri: str, endpoint: str | None = None) -> Path:
     return target
 
 
-def upload_dir(local: str | Path, uri: str, endpoint: str | None = None) -> None:
-    """Copy a local folder to an s3:// prefix (used for test fixtures and staging)."""
-    bucket, prefix = split_s3(uri)
-    client = s3_client(endpoint)
-    for path in sorted(Path(local).rglob("*")):
-        if path.is_file():
-            key = "/".join(filter(None, [prefix, path.relative_to(local).as_posix()]))
-            client.upload_file(str(path), bucket, key)
-
-
-# ---------------------------------------------------------------------------- uniform file access
-# Local paths and s3:// URIs through one pyarrow filesystem, the same kind Ray Tune writes with.
-def filesystem(uri: str, endpoint: str | None = None):
-    """(pyarrow filesystem, path inside it) for a local path or an s3:// URI."""
-    import pyarrow.fs
-
-    fs, path = pyarrow_filesystem(uri, endpoint)
-    return (fs or pyarrow.fs.LocalFileSystem()), path
-
-
-def write_text(uri: str, text: str, endpoint: str | None = None) -> None:
-    fs, path = filesystem(uri, endpoint)
-    if not is_s3(uri):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with fs.open_output_stream(path) as stream:
-        stream.write(text.encode())
-
-
-def read_text(uri: str, endpoint: str | None = None) -> str:
-    fs, path = filesystem(uri, endpoint)
-    with fs.open_input_stream(path) as stream:
-        return stream.read().decode()
-
-
-def exists(uri: str, endpoint: str | None = None) -> bool:
-    import pyarrow.fs
-
-    fs, path = filesystem(uri, endpoint)
-    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
-
-
-def find_files(uri: str, name: str, endpoint: str | None = None) -> list[str]:
-    """Every file called ``name`` anywhere below ``uri``, as URIs of the same kind."""
-    import pyarrow.fs
-
-    fs, path = filesystem(uri, endpoint)
-    try:
-        infos = fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True))
-    except FileNotFoundError:
-        return []
-    found = sorted(i.path for i in infos
-                   if i.type == pyarrow.fs.FileType.File and i.base_name == name)
-    if is_s3(uri):
-        return ["s3://" + p for p in found]
-    return found
+def upload_file(local: str | Path, uri: str, endpoint: str | None = None) -> None:
+    """Copy one local file to an s3:// URI (visible only once the whole upload completes)."""
+    bucket, key = split_s3_object(uri)
+    s3_client(endpoint).upload_file(str(local), bucket, key)
 
 
 def upload_tree(local: str | Path, uri: str, endpoint: str | None = None) -> None:
-    """Copy a local folder to ``uri`` (local or s3://), replacing files of the same name."""
-    import pyarrow.fs
-
-    fs, path = filesystem(uri, endpoint)
+    """Make the folder at ``uri`` hold exactly the files of ``local``. Local: staged and
+    swapped (a crash leaves the old folder or the new). S3: every new file is uploaded first,
+    then the objects the new folder lacks are deleted (a crash never leaves a partial set)."""
+    local = Path(local)
     if not is_s3(uri):
-        shutil.rmtree(path, ignore_errors=True)
-        shutil.copytree(local, path)
+        copy_dir(local, Path(uri))
         return
-    pyarrow.fs.copy_files(str(Path(local).resolve()), path,
-                          source_filesystem=pyarrow.fs.LocalFileSystem(),
-                          destination_filesystem=fs)
+    files = {p.relative_to(local).as_posix(): p for p in sorted(local.rglob("*")) if p.is_file()}
+    for relative, path in files.items():
+        upload_file(path, join_uri(uri, relative), endpoint)
+    bucket, prefix = split_s3(uri)
+    stale = [o["Key"] for o in iter_s3(uri, endpoint)
+             if o["Key"][len(prefix):].lstrip("/") not in files]
+    client = s3_client(endpoint)
+    for start in range(0, len(stale), 1000):  # DeleteObjects takes 1,000 keys a call
+        client.delete_objects(Bucket=bucket, Delete={
+            "Objects": [{"Key": key} for key in stale[start:start + 1000]], "Quiet": True})
 
 
 def download_tree(uri: str, local: str | Path, endpoint: str | None = None) -> Path:
@@ -238,39 +404,92 @@ def download_tree(uri: str, local: str | Path, endpoint: str | None = None) -> P
     return Path(local)
 
 
-def upload_file(local: str | Path, uri: str, endpoint: str | None = None) -> None:
-    """Copy one local file to an s3:// URI. S3 makes the object visible only once the upload
-    (multipart for large files) completes, so readers never see half a file."""
-    bucket, key = split_s3_object(uri)
-    s3_client(endpoint).upload_file(str(local), bucket, key)
+# ---------------------------------------------------------------------------- verified objects
+@dataclass(frozen=True)
+class Digest:
+    """Size and checksums of some bytes, for verified uploads."""
+    size: int
+    sha256: str   # hex
+    md5: str      # hex
+
+    @property
+    def sha256_base64(self) -> str:
+        return base64.b64encode(bytes.fromhex(self.sha256)).decode()
 
 
-def split_s3_object(uri: str) -> tuple[str, str]:
-    """``s3://bucket/key`` -> ``("bucket", "key")`` keeping the key byte for byte.
-
-    ``split_s3`` parses with urlparse, which would cut a key at '#' or '?'; both are legal in
-    object keys (and common in users' file names).
-    """
-    if not uri.startswith("s3://") or "/" not in uri[5:]:
-        raise StorageError(f"{uri!r} is not an s3://bucket/key URI")
-    bucket, key = uri[5:].split("/", 1)
-    if not bucket or not key:
-        raise StorageError(f"{uri!r} is not an s3://bucket/key URI")
-    return bucket, key
+def digest_of(source: Path | bytes) -> Digest:
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()  # < 100 MB here
+    return Digest(len(data), hashlib.sha256(data).hexdigest(), hashlib.md5(data).hexdigest())
 
 
-def read_s3_object(uri: str, endpoint: str | None = None) -> bytes:
-    """The bytes of one s3:// object (a cached client per process and endpoint)."""
-    bucket, key = split_s3_object(uri)
-    return _cached_s3_client(endpoint).get_object(Bucket=bucket, Key=key)["Body"].read()
+MISSING = ("404", "NoSuchKey", "NotFound")
 
 
-_S3_CLIENTS: dict[str | None, object] = {}
+def head_object(client, bucket: str, key: str) -> dict | None:
+    """The object's metadata with checksums, or None."""
+    try:
+        return client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+    except s3_errors() as error:
+        if error_code(error) in MISSING:
+            return None
+        raise
 
 
-def _cached_s3_client(endpoint: str | None = None):
-    # boto3 clients are thread-safe; building one costs ~50 ms, too much per object.
-    key = s3_endpoint(endpoint)
-    if key not in _S3_CLIENTS:
-        _S3_CLIENTS[key] = s3_client(endpoint)
-    return _S3_CLIENTS[key]
+def mismatch(head: dict, digest: Digest) -> str | None:
+    """None if a stored object (its ``head_object``) matches ``digest``, else what differs."""
+    if head.get("ContentLength") != digest.size:
+        return f"size {head.get('ContentLength')} != {digest.size}"
+    checked = False
+    stored_sha = head.get("ChecksumSHA256")
+    if stored_sha:
+        if stored_sha != digest.sha256_base64:
+            return f"SHA-256 {stored_sha} != {digest.sha256_base64}"
+        checked = True
+    etag = str(head.get("ETag", "")).strip('"')
+    # A single-part object's ETag is its MD5 unless KMS-encrypted or multipart ('-N' suffix).
+    if etag and "-" not in etag and head.get("ServerSideEncryption") != "aws:kms":
+        if etag != digest.md5:
+            return f"ETag {etag} != MD5 {digest.md5}"
+        checked = True
+    if not checked:
+        return "the store returned neither a SHA-256 checksum nor an MD5 ETag to verify"
+    return None
+
+
+def put_verified(client, bucket: str, key: str, source: Path | bytes, digest: Digest,
+                 condition: dict | None = None) -> bool:
+    """Upload unless an identical object is there, then verify it; True if it was sent. The
+    body goes with its SHA-256 (S3 rejects a mismatch); ``condition`` (``{"IfMatch": etag}``,
+    ``{"IfNoneMatch": "*"}``) makes S3 refuse the PUT with 412 if the object changed."""
+    import mimetypes
+
+    if digest.size > MAX_SINGLE_PUT_BYTES:
+        raise StorageError(f"s3://{bucket}/{key}: {digest.size} bytes exceeds one PUT's limit")
+    head = head_object(client, bucket, key)
+    if head is not None and mismatch(head, digest) is None:
+        return False
+    arguments = dict(Bucket=bucket, Key=key,
+                     ContentType=mimetypes.guess_type(key)[0] or "application/octet-stream",
+                     ChecksumAlgorithm="SHA256", ChecksumSHA256=digest.sha256_base64,
+                     Metadata={"sha256": digest.sha256}, **(condition or {}))
+    if isinstance(source, bytes):
+        client.put_object(Body=source, **arguments)
+    else:
+        with open(source, "rb") as body:  # seekable, so botocore can rewind on a retry
+            client.put_object(Body=body, **arguments)
+    head = head_object(client, bucket, key)
+    problem = "it is missing after the upload" if head is None else mismatch(head, digest)
+    if problem:
+        raise StorageError(f"s3://{bucket}/{key}: verification failed after upload: {problem}")
+    return True
+
+
+def get_object(client, bucket: str, key: str) -> tuple[bytes, str] | None:
+    """(body, ETag) of an object, or None if there is none."""
+    try:
+        response = client.get_object(Bucket=bucket, Key=key)
+    except s3_errors() as error:
+        if error_code(error) in MISSING:
+            return None
+        raise
+    return response["Body"].read(), response["ETag"]

@@ -15,14 +15,15 @@ A checkpoint is a folder:
     evaluation.json    test-set evaluation (best checkpoint, after training)
 
 The workdir holds ``checkpoints/last``, ``checkpoints/best`` (by val_accuracy), ``metrics.jsonl``
-and ``evaluation.json``.
+and ``evaluation.json`` (names in ``storage``). Progress is one log line per epoch (logger
+``cifar_core.train``); Keras' own per-step output stays off.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -32,16 +33,19 @@ from typing import Any, Callable
 import cifar_core  # noqa: F401  (selects tf_keras before TensorFlow loads)
 import tf_keras as keras
 
+from cifar_core import storage
 from cifar_core.data import Cifar10, make_dataset
 from cifar_core.evaluate import evaluate
 from cifar_core.models import (build_model, compile_model, load_checkpoint_model,
                                set_trainable_backbone_layers)
 from cifar_core.provenance import provenance
 from cifar_core.settings import Settings
+from cifar_core.storage import BEST, CHECKPOINTS_DIR, LAST, MODEL_FILE
 
+#: ``report(metrics, last_checkpoint_dir)``, called after every epoch's checkpoint is saved.
 ReportFn = Callable[[dict, str], None]
 
-MODEL_FILE = "model.keras"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,7 @@ class TrainState:
 
     @classmethod
     def read(cls, checkpoint: str | Path) -> "TrainState":
-        data = json.loads(Path(checkpoint, "state.json").read_text())
+        data = json.loads(Path(checkpoint, storage.STATE_FILE).read_text())
         if data.get("best_val_accuracy") is None:
             data["best_val_accuracy"] = -math.inf
         return cls(**data)
@@ -97,11 +101,11 @@ class TrainResult:
 
     @property
     def best_checkpoint(self) -> Path:
-        return self.workdir / "checkpoints" / "best"
+        return self.workdir / CHECKPOINTS_DIR / BEST
 
     @property
     def last_checkpoint(self) -> Path:
-        return self.workdir / "checkpoints" / "last"
+        return self.workdir / CHECKPOINTS_DIR / LAST
 
     @property
     def stop_reason(self) -> str:
@@ -119,111 +123,110 @@ def configure_gpus() -> None:
             pass  # already initialised in this process; the first call's setting stands
 
 
-def limit_threads_to_ray_cpus() -> None:
-    """Size TensorFlow's thread pools to the CPUs Ray gave this process, so trials and workers
-    packed on one machine do not oversubscribe it. Call before TensorFlow runs anything."""
-    import ray
-    import tensorflow as tf
-
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
-    if cpus:
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(max(1, int(cpus)))
-            tf.config.threading.set_inter_op_parallelism_threads(max(1, int(cpus)))
-        except RuntimeError:
-            pass  # TensorFlow already initialised in this process; its setting stands
-
-
 def train(settings: Settings, data: Cifar10, workdir: str | Path, *,
           report: ReportFn | None = None, resume_from: str | Path | None = None,
-          strategy: Any = None, evaluate_test: bool = True, verbose: int | str = 2
-          ) -> TrainResult:
+          strategy: Any = None, evaluate_test: bool = True) -> TrainResult:
     """Train ``settings.model`` on ``data``; checkpoints and metrics go to ``workdir``.
 
     ``resume_from`` (or an existing ``workdir/checkpoints/last``) continues at the recorded
     phase and epoch. ``strategy`` is a ``tf.distribute`` strategy (multi-worker Ray Train);
     every worker must call ``train`` with its own workdir, since every worker must save.
+    ``evaluate_test``: evaluate the best weights on the test set at the end.
     """
     configure_gpus()
     workdir = Path(workdir)
-    (workdir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    (workdir / "settings.json").write_text(settings.to_json())
-    last = workdir / "checkpoints" / "last"
-    if resume_from is None and (last / "state.json").exists():
-        resume_from = last
-
+    (workdir / CHECKPOINTS_DIR).mkdir(parents=True, exist_ok=True)
+    storage.atomic_write_bytes(workdir / storage.SETTINGS_FILE, settings.to_json().encode())
     # A strategy's scope object can be entered only once, so each ``with`` gets a fresh one.
     scope = strategy.scope if strategy is not None else _null_scope
     with scope():
-        if resume_from is not None:
-            state = TrainState.read(resume_from)
-            model = load_checkpoint_model(str(Path(resume_from, MODEL_FILE)))
-            if Path(resume_from).resolve() != last.resolve():
-                _copy_checkpoint(Path(resume_from), last)
-            best_source = Path(resume_from).parent / "best"
-            if (best_source / "state.json").exists() and not (
-                    workdir / "checkpoints" / "best").exists():
-                _copy_checkpoint(best_source, workdir / "checkpoints" / "best")
-        else:
-            state = TrainState()
-            model = build_model(settings)
-    metrics_file = workdir / "metrics.jsonl"
-    if state.history and not metrics_file.exists():
-        # Resumed into a fresh workdir (a retried Tune trial): keep the earlier epochs' lines.
-        metrics_file.write_text("".join(json.dumps(m) + "\n" for m in state.history))
-
+        model, state = _start(settings, workdir, resume_from)
     train_data = make_dataset(data.x_train, data.y_train, settings, training=True)
     val_data = make_dataset(data.x_val, data.y_val, settings, training=False)
     if strategy is not None:
         train_data, val_data = _shard_by_batch(train_data), _shard_by_batch(val_data)
     checkpointer = EpochCheckpoint(settings, workdir, state, report)
-
     phases = schedule(settings)
     for phase in phases[state.phase:]:
         if _phase_finished(state, phase):
             continue  # resumed after the run had finished this (last) phase
-        del state.stop_reasons[phase.index:]  # a finished last phase re-opened with more epochs
-        remaining = phase.epochs - state.phase_epochs
-        if state.phase_epochs == 0:
-            # A fresh phase: set which layers train and compile at the phase's rate (this also
-            # gives phase 2 a new optimizer). A resumed phase keeps its optimizer state.
-            with scope():
-                set_trainable_backbone_layers(model, phase.trainable_backbone_layers)
-                compile_model(model, settings, phase.learning_rate)
-        checkpointer.phase = phase
-        callbacks: list[keras.callbacks.Callback] = []
-        early_stopping = None
-        if settings.early_stopping_patience:
-            early_stopping = keras.callbacks.EarlyStopping(
-                monitor="val_accuracy", mode="max", patience=settings.early_stopping_patience,
-                restore_best_weights=True)
-            callbacks.append(early_stopping)
-        if settings.reduce_lr_patience:
-            callbacks.append(keras.callbacks.ReduceLROnPlateau(
-                monitor="val_loss", factor=settings.reduce_lr_factor,
-                patience=settings.reduce_lr_patience, verbose=0))
-        callbacks.append(checkpointer)  # last: sees the learning rate and stop flag they set
-        if remaining > 0:
-            model.fit(train_data, validation_data=val_data, initial_epoch=state.epoch,
-                      epochs=state.epoch + remaining, callbacks=callbacks, verbose=verbose)
-        stopped = early_stopping is not None and early_stopping.stopped_epoch > 0
-        state.stop_reasons.append("early_stopped" if stopped else "completed")
+        _run_phase(model, phase, checkpointer, scope, (train_data, val_data))
         if phase.index + 1 < len(phases):
             state.phase, state.phase_epochs = phase.index + 1, 0
         if settings.early_stopping_patience:
             # The seed restores the best weights at the end of each phase; phase 2 starts there.
             checkpointer.restore_best(model)
         checkpointer.save(model, best=False, write_metrics=False)
-
     evaluation = None
     if evaluate_test:
         checkpointer.restore_best(model)
         evaluation = evaluate(model, data, settings)
-        text = json.dumps(evaluation, indent=1)
-        (workdir / "evaluation.json").write_text(text)
-        if (workdir / "checkpoints" / "best").exists():
-            (workdir / "checkpoints" / "best" / "evaluation.json").write_text(text)
+        _write_evaluation(workdir, evaluation)
     return TrainResult(workdir, state, evaluation)
+
+
+def _start(settings: Settings, workdir: Path, resume_from: str | Path | None):
+    """(model, state): a new model, or the one in ``resume_from`` (default: the workdir's
+    own last checkpoint), copied into this workdir when it came from elsewhere."""
+    last = workdir / CHECKPOINTS_DIR / LAST
+    if resume_from is None and (last / storage.STATE_FILE).exists():
+        resume_from = last
+    if resume_from is None:
+        return build_model(settings), TrainState()
+    resume_from = Path(resume_from)
+    state = TrainState.read(resume_from)
+    model = load_checkpoint_model(resume_from / MODEL_FILE)
+    if resume_from.resolve() != last.resolve():
+        storage.copy_dir(resume_from, last)
+    best_source, best = resume_from.parent / BEST, workdir / CHECKPOINTS_DIR / BEST
+    if (best_source / storage.STATE_FILE).exists() and not best.exists():
+        storage.copy_dir(best_source, best)
+    metrics_file = workdir / storage.METRICS_FILE
+    if state.history and not metrics_file.exists():
+        # Resumed into a fresh workdir (a retried Tune trial): keep the earlier epochs' lines.
+        metrics_file.write_text("".join(json.dumps(m) + "\n" for m in state.history))
+    return model, state
+
+
+def _run_phase(model: keras.Model, phase: Phase, checkpointer: "EpochCheckpoint", scope,
+               datasets) -> None:
+    """Fit the rest of one phase with the seed's callbacks; record how the phase ended."""
+    settings, state = checkpointer.settings, checkpointer.state
+    del state.stop_reasons[phase.index:]  # a finished last phase re-opened with more epochs
+    if state.phase_epochs == 0:
+        # A fresh phase: set which layers train and compile at the phase's rate (this also
+        # gives phase 2 a new optimizer). A resumed phase keeps its optimizer state.
+        with scope():
+            set_trainable_backbone_layers(model, phase.trainable_backbone_layers)
+            compile_model(model, settings, phase.learning_rate)
+    checkpointer.phase = phase
+    callbacks: list[keras.callbacks.Callback] = []
+    early_stopping = None
+    if settings.early_stopping_patience:
+        early_stopping = keras.callbacks.EarlyStopping(
+            monitor="val_accuracy", mode="max", patience=settings.early_stopping_patience,
+            restore_best_weights=True)
+        callbacks.append(early_stopping)
+    if settings.reduce_lr_patience:
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", factor=settings.reduce_lr_factor,
+            patience=settings.reduce_lr_patience, verbose=0))
+    callbacks.append(checkpointer)  # last: sees the learning rate and stop flag they set
+    remaining = phase.epochs - state.phase_epochs
+    if remaining > 0:
+        train_data, val_data = datasets
+        model.fit(train_data, validation_data=val_data, initial_epoch=state.epoch,
+                  epochs=state.epoch + remaining, callbacks=callbacks, verbose=0)
+    stopped = early_stopping is not None and early_stopping.stopped_epoch > 0
+    state.stop_reasons.append("early_stopped" if stopped else "completed")
+
+
+def _write_evaluation(workdir: Path, evaluation: dict) -> None:
+    data = json.dumps(evaluation, indent=1).encode()
+    storage.atomic_write_bytes(workdir / storage.EVALUATION_FILE, data)
+    best = workdir / CHECKPOINTS_DIR / BEST
+    if best.exists():
+        storage.atomic_write_bytes(best / storage.EVALUATION_FILE, data)
 
 
 def _phase_finished(state: TrainState, phase: Phase) -> bool:
@@ -266,12 +269,17 @@ class EpochCheckpoint(keras.callbacks.Callback):
         metrics["best_val_accuracy"] = state.best_val_accuracy
         state.history.append(metrics)
         self.save(self.model, best=improved, write_metrics=True)
+        log.info("%s epoch %d/%d: %s", self.settings.model, epoch + 1,
+                 self.settings.total_epochs, "  ".join(
+                     f"{k} {metrics[k]:.4f}" for k in ("loss", "accuracy", "val_loss",
+                                                       "val_accuracy") if k in metrics)
+                 + f"  ({metrics['epoch_time_s']:.1f} s)")
         if self.report is not None:
-            self.report(metrics, str(self.workdir / "checkpoints" / "last"))
+            self.report(metrics, str(self.workdir / CHECKPOINTS_DIR / LAST))
 
     def save(self, model: keras.Model, best: bool, write_metrics: bool) -> None:
         """Write ``last`` atomically (stage, then rename); copy it to ``best`` if improved."""
-        checkpoints = self.workdir / "checkpoints"
+        checkpoints = self.workdir / CHECKPOINTS_DIR
         staging = checkpoints / ".staging"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
@@ -279,41 +287,24 @@ class EpochCheckpoint(keras.callbacks.Callback):
         # flag that is unset in non-main threads (Ray Train and Tune run the training function in
         # one) and, after the first save or load there, it silently writes HDF5 instead.
         model.save(str(staging / MODEL_FILE), save_format="keras_v3")
-        (staging / "settings.json").write_text(self.settings.to_json())
-        (staging / "state.json").write_text(self.state.to_json())
-        (staging / "provenance.json").write_text(json.dumps(self.provenance, indent=1))
-        _replace_dir(staging, checkpoints / "last")
+        (staging / storage.SETTINGS_FILE).write_text(self.settings.to_json())
+        (staging / storage.STATE_FILE).write_text(self.state.to_json())
+        (staging / storage.PROVENANCE_FILE).write_text(json.dumps(self.provenance, indent=1))
+        storage.replace_dir(staging, checkpoints / LAST)
         if best:
-            _copy_checkpoint(checkpoints / "last", checkpoints / "best")
+            storage.copy_dir(checkpoints / LAST, checkpoints / BEST)
         if write_metrics:
-            with open(self.workdir / "metrics.jsonl", "a") as handle:
+            with open(self.workdir / storage.METRICS_FILE, "a") as handle:
                 handle.write(json.dumps(self.state.history[-1]) + "\n")
 
     def restore_best(self, model: keras.Model) -> None:
         """Load the best-by-val_accuracy weights (from memory, or the best checkpoint)."""
         if self.best_weights is None:
-            best = self.workdir / "checkpoints" / "best" / MODEL_FILE
+            best = self.workdir / CHECKPOINTS_DIR / BEST / MODEL_FILE
             if not best.exists():
                 return
-            self.best_weights = load_checkpoint_model(str(best)).get_weights()
+            self.best_weights = load_checkpoint_model(best).get_weights()
         model.set_weights(self.best_weights)
-
-
-def _copy_checkpoint(source: Path, target: Path) -> None:
-    staging = target.with_name("." + target.name + ".copy")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(source, staging)
-    _replace_dir(staging, target)
-
-
-def _replace_dir(staging: Path, target: Path) -> None:
-    """Swap a fully written folder into place; a crash leaves the old or the new, never half."""
-    old = target.with_name("." + target.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(staging, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _shard_by_batch(dataset):
@@ -339,5 +330,5 @@ class _null_scope:
 
 def read_metrics(workdir: str | Path) -> list[dict]:
     """The per-epoch metrics lines a run wrote."""
-    path = Path(workdir, "metrics.jsonl")
+    path = Path(workdir, storage.METRICS_FILE)
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

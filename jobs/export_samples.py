@@ -18,7 +18,7 @@ import sys
 
 import cifar_core  # noqa: F401  (selects tf_keras before TensorFlow loads)
 from cifar_core.data import DataError
-from cifar_core.scoring import ScoringError, export_samples
+from cifar_core.data import export_samples
 from cifar_core.storage import StorageError
 
 
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     count = 10 if args.smoke_test else args.n
     try:
         written = export_samples(args.data, count, args.out, seed=args.seed)
-    except (DataError, ScoringError, StorageError) as error:
+    except (DataError, StorageError) as error:
         print(f"cifar export-samples: error: {error}", file=sys.stderr)
         return 2
     print(f"cifar export-samples: wrote {len(written)} test images of {args.data} to {args.out}")

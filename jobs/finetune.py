@@ -34,17 +34,13 @@ from pathlib import Path
 
 import cifar_core  # noqa: F401  (selects tf_keras before TensorFlow loads)
 from cifar_core.data import DataError
-from cifar_core.finetune import LR_RULES, FinetuneError, FinetuneOptions, run_finetune
+from cifar_core.ladder import smoke_settings
+from cifar_core.multiworker import LR_RULES, FinetuneError, FinetuneOptions, run_finetune
 from cifar_core.settings import SettingsError, add_settings_arguments, settings_from_args
+from cifar_core.storage import StorageError, check_endpoint
+from jobs import add_log_level, configure_logging
 
 DEFAULT_STORAGE = str(Path("results") / "runs")
-
-#: ``--smoke-test``: 400 images, one epoch per phase, 2 CPU workers; M7 gets a random
-#: 0.35-width backbone at 32 px (no download). A random MobileNetV2 in inference mode outputs
-#: ~0 everywhere, so accuracy stays at chance: the smoke test checks the plumbing only.
-SMOKE = {"limit": 400, "num_epochs": 1, "batch_size": 32}
-SMOKE_M7 = {"fine_tune_epochs": 1, "image_size": 32, "backbone_weights": "none",
-            "backbone_alpha": 0.35}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,24 +74,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--s3-endpoint", default=None,
                      help="Endpoint of an S3-compatible store (default: AWS_ENDPOINT_URL).")
     run.add_argument("--smoke-test", action="store_true",
-                     help="Tiny M7, 400 images, one epoch per phase, 2 CPU workers.")
+                     help="Tiny M7 (ladder.py's smoke settings), 2 CPU workers; plumbing only: "
+                          "a random backbone stays near chance.")
+    add_log_level(run)
     add_settings_arguments(parser.add_argument_group("settings"))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
     if args.model is None:
         args.model = "M7"
     if args.smoke_test:
-        for name, value in {**SMOKE, **(SMOKE_M7 if args.model == "M7" else {})}.items():
-            if getattr(args, name) is None:
+        for name, value in smoke_settings(args.model).items():
+            if getattr(args, name, None) is None:
                 setattr(args, name, value)
-    if args.s3_endpoint:
-        os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint  # workers inherit it (runtime_env)
     name = args.name or f"finetune-{args.model.lower()}" + (
         time.strftime("-smoke-%Y%m%d-%H%M%S") if args.smoke_test else "")
     try:
+        if args.s3_endpoint:
+            # Workers get it through the job's runtime_env (provenance.runtime_env_vars).
+            os.environ["AWS_ENDPOINT_URL"] = check_endpoint(args.s3_endpoint)
         settings = settings_from_args(args)
         options = FinetuneOptions(
             storage=args.storage, name=name, num_workers=args.num_workers,
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cifar finetune: {settings.model} with {options.num_workers} workers "
               f"(global batch {settings.batch_size}) into {options.run_uri}", flush=True)
         result = run_finetune(settings, options, address=args.address)
-    except (SettingsError, DataError) as error:
+    except (SettingsError, DataError, StorageError) as error:
         print(f"cifar finetune: error: {error}", file=sys.stderr)
         return 2
     except FinetuneError as error:

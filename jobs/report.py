@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--runs STORAGE is required (or --smoke-test)")
     if args.smoke_test:
         from cifar_core.data import DataError
+        from cifar_core.plan import SweepError
         from cifar_core.settings import SettingsError
-        from cifar_core.sweep import SweepError
 
         try:
             args.runs.append(smoke_sweep(args.data))
@@ -112,7 +112,8 @@ def smoke_sweep(data: str | None) -> str:
     """Run the tune job's smoke sweep (M1, M2) into a temporary folder; return the storage."""
     import tempfile
 
-    from cifar_core.sweep import SweepOptions, run_sweep
+    from cifar_core.plan import SweepOptions
+    from cifar_core.sweep import run_sweep
 
     storage = tempfile.mkdtemp(prefix="cifar-report-smoke-")
     overrides = {"data": data} if data else {}

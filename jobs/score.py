@@ -8,7 +8,8 @@
 
 SRC: a folder or s3://bucket/prefix, read recursively; every file gets one output row.
 MODEL: a checkpoint folder (model.keras + settings.json), a run folder (its checkpoints/best) or
-a sweep folder (the completed trial with the highest best_val_accuracy), local or s3://.
+a sweep folder (the trial records.select_best picks: see README, "The best model"), local or
+s3://.
 Images are prepared exactly as in training (32x32 RGB, then the checkpoint's input size).
 
 OUT (.csv or .parquet; ``--format both`` writes both) has one row per file: path, [label],
@@ -20,8 +21,7 @@ line (files, ok, errors, images/s, output paths) and, when labels are known, the
 
 Without ``--address``/``RAY_ADDRESS`` the job starts its own local Ray. On a multi-node cluster
 a local SRC must be on a filesystem every node mounts (use s3:// otherwise); the model travels
-to the actors through Ray's object store. ``--smoke-test``: first 200 files, batches of 64,
-local Ray.
+to the actors through Ray's object store. ``--smoke-test``: first 200 files, batches of 64.
 
 Exit codes:
   0  done; at most --max-error-rate (default 0.01) of the files are error rows
@@ -38,8 +38,9 @@ import os
 import sys
 
 import cifar_core  # noqa: F401  (selects tf_keras before TensorFlow loads)
-from cifar_core.scoring import (DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, ScoreOptions,
-                                ScoringError, formats_for)
+from cifar_core.images import DEFAULT_MAX_PIXELS
+from cifar_core.listing import DEFAULT_MAX_FILE_BYTES
+from cifar_core.scoring import ScoreOptions, ScoringError, formats_for
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_ERROR_RATE = 0, 2, 3
 SMOKE = {"limit": 200, "batch_size": 64}
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--s3-endpoint", help="S3-compatible endpoint (else AWS_ENDPOINT_URL).")
     parser.add_argument("--quiet", action="store_true", help="No progress lines.")
     parser.add_argument("--smoke-test", action="store_true",
-                        help="First 200 files, batches of 64, local Ray.")
+                        help="First 200 files, batches of 64.")
     return parser
 
 
@@ -84,17 +85,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke_test:
         args.limit = args.limit or SMOKE["limit"]
         args.batch_size = SMOKE["batch_size"]
-        args.address = "local"
     if not 0 <= args.max_error_rate <= 1:
         print(f"cifar score: error: --max-error-rate={args.max_error_rate} must be in [0, 1]",
               file=sys.stderr)
         return EXIT_BAD_INPUT
-    if args.s3_endpoint:
-        os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint  # Ray workers inherit it below
-    from cifar_core.scoring import execute, plan_scoring, start_ray
-    from cifar_core.storage import StorageError
+    from cifar_core.ray_glue import connect_ray
+    from cifar_core.scoring import execute, plan_scoring
+    from cifar_core.storage import StorageError, check_endpoint
 
     try:
+        if args.s3_endpoint:
+            # Ray workers get it through the job's runtime_env (provenance.runtime_env_vars).
+            os.environ["AWS_ENDPOINT_URL"] = check_endpoint(args.s3_endpoint)
         options = ScoreOptions(
             batch_size=args.batch_size, concurrency=args.concurrency,
             gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ScoringError, StorageError) as error:
         print(f"cifar score: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    started = start_ray(args.address)
+    started = connect_ray(args.address)
     try:
         summary = execute(plan, log=lambda text: print(text, file=sys.stderr, flush=True))
     finally:

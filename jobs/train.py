@@ -7,7 +7,7 @@ Every settings field is a flag (``--learning-rate``, ``--batch-size``, ``--num-e
 unset flags keep the model's seed values. Writes ``OUT/checkpoints/{last,best}``,
 ``OUT/metrics.jsonl`` (one JSON line per epoch) and ``OUT/evaluation.json``. Re-running into the
 same ``OUT`` resumes from its last checkpoint; ``--resume-from CKPT`` starts from another run's
-checkpoint. ``--smoke-test``: 500 images, one epoch. Exit code 2: invalid settings or data.
+checkpoint. ``--smoke-test``: tiny data, one epoch. Exit code 2: invalid settings or data.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import sys
 
 import cifar_core  # noqa: F401  (selects tf_keras before TensorFlow loads)
 from cifar_core.data import DataError
+from cifar_core.ladder import smoke_settings
 from cifar_core.settings import SettingsError, add_settings_arguments, settings_from_args
-
-SMOKE = {"limit": 500, "num_epochs": 1, "fine_tune_epochs": None}
+from jobs import add_log_level, configure_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,20 +28,21 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="Run folder (created; resumed if present).")
     parser.add_argument("--resume-from", help="Checkpoint folder to start from.")
-    parser.add_argument("--smoke-test", action="store_true", help="500 images, one epoch.")
-    parser.add_argument("--quiet", action="store_true", help="One line per epoch, no bar.")
+    parser.add_argument("--smoke-test", action="store_true",
+                        help="Tiny data, one epoch (ladder.py's smoke settings).")
+    parser.add_argument("--quiet", action="store_true", help="Only the final line.")
+    add_log_level(parser)
     add_settings_arguments(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging("WARNING" if args.quiet else args.log_level)
     if args.smoke_test:
-        for name, value in SMOKE.items():
-            if getattr(args, name) is None and value is not None:
+        for name, value in smoke_settings(args.model or "M4").items():
+            if getattr(args, name) is None:
                 setattr(args, name, value)
-        if args.fine_tune_epochs is None and args.model == "M7":
-            args.fine_tune_epochs = 1
     try:
         settings = settings_from_args(args)
         from cifar_core.data import load_cifar10
@@ -52,8 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cifar train: error: {error}", file=sys.stderr)
         return 2
     print(f"cifar train: {settings.model} on {json.dumps(data.summary())}", flush=True)
-    result = train(settings, data, args.out, resume_from=args.resume_from,
-                   verbose=2 if args.quiet else 1)
+    result = train(settings, data, args.out, resume_from=args.resume_from)
     evaluation = result.evaluation or {}
     print(f"cifar train: best val_accuracy {result.state.best_val_accuracy:.4f} "
           f"(epoch {result.state.best_epoch}), test_accuracy "

@@ -19,13 +19,17 @@ continue with --resume.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import cifar_core  # noqa: F401  (selects tf_keras before TensorFlow loads)
 from cifar_core.data import DataError
+from cifar_core.ladder import LADDER, MODEL_IDS
+from cifar_core.plan import SweepError, SweepOptions, check_resources
 from cifar_core.settings import SettingsError, add_settings_arguments
-from cifar_core.sweep import ALL_MODELS, SweepError, SweepOptions, run_sweep
+from cifar_core.storage import StorageError
+from jobs import add_log_level, configure_logging
 
 DEFAULT_STORAGE = str(Path("results") / "runs")
 
@@ -34,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cifar tune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     job = parser.add_argument_group("sweep")
-    job.add_argument("--models", default=",".join(ALL_MODELS),
-                     help="Comma-separated model ids (default: all six).")
+    job.add_argument("--models", default=",".join(MODEL_IDS),
+                     help=f"Comma-separated model ids (default: all {len(MODEL_IDS)}).")
     job.add_argument("--grid", default="default",
                      help="'seed' (the notebook's settings, one trial per model), 'default' "
                           "(a grid around them) or a JSON file {model: {field: [values]}}.")
@@ -52,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--max-concurrent", type=int, default=None,
                      help="At most this many trials at once (default: as resources allow).")
     job.add_argument("--use-gpu", action="store_true",
-                     help="Give trials GPU fractions (M1/M2/M4: 0.25, M6: 0.5, M5/M7: 1).")
+                     help="Give trials GPU fractions (" + ", ".join(
+                         f"{m}: {r.gpu_resources['GPU']:g}" for m, r in LADDER.items()) + ").")
     job.add_argument("--resources", action="append", default=[], metavar="MODEL=CPU,GPU",
                      help="Per-model resources per trial, e.g. M7=8,1 or M1=1,0.25 "
                           "(repeatable).")
@@ -70,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Continue an interrupted sweep of this name from its checkpoints.")
     job.add_argument("--address", default=None, help="Ray cluster address (or RAY_ADDRESS).")
     job.add_argument("--smoke-test", action="store_true",
-                     help="Every model, 300 images, 1 epoch, small inputs, local Ray.")
+                     help="Every model, 300 images, 1 epoch, small inputs (ladder.py).")
+    add_log_level(job)
     settings = parser.add_argument_group("settings applied to every trial")
     add_settings_arguments(settings, skip=("model",))
     return parser
@@ -84,8 +90,9 @@ def parse_resources(specs: list[str]) -> dict[str, dict[str, float]]:
             cpu, gpu = (float(v) for v in values.split(","))
         except ValueError:
             raise SweepError(f"--resources {spec!r}: expected MODEL=CPU,GPU, e.g. M7=8,1")
-        if model not in ALL_MODELS or cpu <= 0 or gpu < 0:
-            raise SweepError(f"--resources {spec!r}: unknown model or non-positive CPU count")
+        if model not in LADDER:
+            raise SweepError(f"--resources {spec!r}: unknown model; valid: {list(MODEL_IDS)}")
+        check_resources({"CPU": cpu, "GPU": gpu}, f"--resources {spec!r}")
         resources[model] = {"CPU": cpu, "GPU": gpu}
     return resources
 
@@ -95,29 +102,32 @@ def options_from_args(args: argparse.Namespace) -> SweepOptions:
 
     overrides = {k: v for k, v in vars(args).items()
                  if k in Settings.field_names() and v is not None}
-    if args.seeds < 1 or args.num_samples < 1 or args.epochs_scale <= 0 or args.m7_workers < 1:
-        raise SweepError("--seeds, --num-samples and --m7-workers must be >= 1 and "
-                         "--epochs-scale > 0")
     return SweepOptions(
         name=args.name or ("smoke" if args.smoke_test else "ladder"), storage=args.storage,
-        models=tuple(m.strip() for m in args.models.split(",") if m.strip()), grid=args.grid,
+        models=tuple(m.strip() for m in args.models.split(",")), grid=args.grid,
         overrides=overrides, seeds=args.seeds, num_samples=args.num_samples,
         epochs_scale=args.epochs_scale, scheduler=args.scheduler,
         grace_period=args.grace_period, reduction_factor=args.reduction_factor,
         max_concurrent=args.max_concurrent, use_gpu=args.use_gpu,
         resources=parse_resources(args.resources), max_failures=args.max_failures,
-        m7_workers=args.m7_workers,
-        resume=args.resume, s3_endpoint=args.s3_endpoint, smoke_test=args.smoke_test)
+        m7_workers=args.m7_workers, resume=args.resume, s3_endpoint=args.s3_endpoint,
+        smoke_test=args.smoke_test)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
     if args.smoke_test and args.grid == "default":
         args.grid = "seed"  # one trial per model
     try:
         options = options_from_args(args)
+        if options.s3_endpoint:
+            # Ray workers get it through the job's runtime_env (provenance.runtime_env_vars).
+            os.environ["AWS_ENDPOINT_URL"] = options.s3_endpoint
+        from cifar_core.sweep import run_sweep
+
         board = run_sweep(options, address=args.address)
-    except (SettingsError, SweepError, DataError) as error:
+    except (SettingsError, SweepError, DataError, StorageError) as error:
         print(f"cifar tune: error: {error}", file=sys.stderr)
         return 2
     import pandas as pd

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import cifar_core  # noqa: F401  (selects tf_keras before anything imports TensorFlow)
-from cifar_core.settings import CLASS_NAMES
+from cifar_core.settings import CLASS_NAMES, Settings
 
 # Never let a test talk to real AWS or pick up a developer's credentials.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
@@ -152,3 +152,16 @@ def ray_local():
              log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def trained_run(image_folder, tmp_path_factory) -> Path:
+    """A real M1 run folder (checkpoints/best, evaluation.json) on the synthetic images."""
+    from cifar_core.data import load_cifar10
+    from cifar_core.train import train
+
+    settings = Settings.from_dict(dict(model="M1", data=str(image_folder), num_epochs=3,
+                                       batch_size=32, optimizer="adam", learning_rate=3e-3))
+    workdir = tmp_path_factory.mktemp("m1run")
+    train(settings, load_cifar10(settings), workdir)
+    return workdir

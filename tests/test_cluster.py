@@ -337,7 +337,7 @@ def test_rehearsal_tune_then_report_on_fake_gpu_cluster(s3_bucket, tmp_path):
 
     root = f"s3://{s3_bucket}/{RESULTS_PREFIX}"
     data_uri, runs_uri = f"{root}/data/images", f"{root}/runs"
-    storage.upload_dir(write_image_folder(tmp_path / "images"), data_uri)
+    storage.upload_tree(write_image_folder(tmp_path / "images"), data_uri)
     # What a job needs on any node: the Keras switch and commit (runtime_env_vars), the S3
     # endpoint, and, for moto only, dummy credentials (AWS nodes use their instance profile).
     env_vars = {**runtime_env_vars(), "AWS_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"],

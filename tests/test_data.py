@@ -52,9 +52,9 @@ def test_archive_source_unpacks_once(tmp_path, image_folder):
 
 
 def test_s3_source_reads_the_same_images(s3_bucket, image_folder):
-    from cifar_core.storage import upload_dir
+    from cifar_core.storage import upload_tree
 
-    upload_dir(image_folder, f"s3://{s3_bucket}/cifar/images")
+    upload_tree(image_folder, f"s3://{s3_bucket}/cifar/images")
     local = load_raw(str(image_folder))
     remote = load_raw(f"s3://{s3_bucket}/cifar/images")
     for a, b in zip(local, remote):

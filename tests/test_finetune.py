@@ -1,4 +1,4 @@
-"""Multi-worker fine-tuning on Ray Train (cifar_core/finetune.py, jobs/finetune.py).
+"""Multi-worker runs on Ray Train (cifar_core/multiworker.py, jobs/finetune.py).
 
 Two CPU workers on a private local Ray, small inputs and widths. M7 gets a MobileNetV2 whose
 BatchNorm statistics were calibrated on synthetic images (a randomly initialised one outputs
@@ -26,10 +26,10 @@ import pytest
 
 import cifar_core  # noqa: F401  (selects tf_keras before TensorFlow loads)
 from cifar_core import storage
-from cifar_core.finetune import (RAY_SNAPSHOT_FILE, FinetuneError, FinetuneOptions,
-                                 check_global_batch, check_xla, finetune_trial, latest_report,
-                                 run_finetune, scale_learning_rate)
-from cifar_core.records import TrialRecord
+from cifar_core.multiworker import (RAY_SNAPSHOT_FILE, FinetuneError, FinetuneOptions,
+                                    check_global_batch, check_xla, latest_report, run_finetune,
+                                    scale_learning_rate)
+from cifar_core.records import Cell, TrialRecord
 from cifar_core.settings import Settings, SettingsError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,14 +51,14 @@ def ray_cluster(tmp_path_factory, moto_endpoint):
     """
     import ray
 
-    from cifar_core.finetune import connect
+    from cifar_core.ray_glue import connect_ray
 
     saved = {k: os.environ.get(k) for k in ("CIFAR_FLEET_CACHE", "AWS_ENDPOINT_URL",
                                              "RAY_ADDRESS")}
     os.environ["CIFAR_FLEET_CACHE"] = str(tmp_path_factory.getbasetemp() / "cache")
     os.environ["AWS_ENDPOINT_URL"] = moto_endpoint
     temp_dir = tempfile.mkdtemp(prefix="cfft-", dir="/tmp")  # short: Ray's socket paths
-    connect(None, num_cpus=2, _temp_dir=temp_dir, log_to_driver=False)
+    connect_ray(None, dashboard=True, num_cpus=2, _temp_dir=temp_dir, log_to_driver=False)
     yield ray
     ray.shutdown()
     for name, value in saved.items():
@@ -182,7 +182,7 @@ def test_gradient_sync_two_workers_equal_one_worker_with_double_batch(
                           data=data)
     distributed = load_checkpoint_model(str(Path(result.best_uri, "model.keras")))
     reference_run = train(settings, data, tmp_path / "one-worker", resume_from=init,
-                          evaluate_test=False, verbose=0)
+                          evaluate_test=False)
     reference = load_checkpoint_model(str(reference_run.best_checkpoint / "model.keras"))
     initial = load_checkpoint_model(str(init / "model.keras"))
 
@@ -205,16 +205,16 @@ def test_runs_as_a_tune_trial_with_its_own_workers(ray_cluster, m4_data, s3_buck
     """A sweep cell trained by a 2-worker Train run inside a Tune trial; records go to s3."""
     from ray import tune
 
+    from cifar_core.sweep import run_trial
+
     settings = Settings.from_dict({**M4_SMALL, "data": m4_data.source, "num_epochs": 3})
     sweep_uri = f"s3://{s3_bucket}/sweeps/m7gpu"
     # The sweep's shape: config names the cell; cells and data come through the object store.
-    cells = {"M4-cell0": {
-        "settings": settings.to_dict(),
-        "meta": {"trial_id": "M4-cell0", "sweep": "m7gpu", "sweep_uri": sweep_uri,
-                 "workers": {"num_workers": 2, "cpus_per_worker": 0.5, "max_failures": 0,
-                             "scratch_dir": str(tmp_path)}}}}
+    cells = {"M4-cell0": Cell(settings, "cell0", sweep="m7gpu", sweep_uri=sweep_uri,
+                              workers={"num_workers": 2, "cpus_per_worker": 0.5,
+                                       "max_failures": 0, "scratch_dir": str(tmp_path)})}
     tuner = tune.Tuner(
-        tune.with_parameters(finetune_trial, data=m4_data, cells=cells),  # trial: 1 CPU
+        tune.with_parameters(run_trial, data=m4_data, cells=cells),  # trial: 1 CPU
         param_space={"trial_id": "M4-cell0"},
         run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), name="sweep"))
     results = tuner.fit()
@@ -246,7 +246,7 @@ def _loop_killing_a_worker(marker: str, rank: int, epoch: int, registered_in: Fi
     def loop(config: dict) -> None:
         import ray.train
 
-        from cifar_core.finetune import latest_report, train_loop_per_worker
+        from cifar_core.multiworker import latest_report, train_loop_per_worker
 
         report = ray.train.report
 

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from cifar_core.models import (MODELS, ModelError, SEARCH_SPACES, backbone_of, build_model,
+from cifar_core.ladder import LADDER
+from cifar_core.models import (MODELS, ModelError, backbone_of, build_model,
                                load_checkpoint_model, set_trainable_backbone_layers)
 from cifar_core.settings import Settings
 
@@ -29,7 +30,7 @@ def seed_settings(name: str) -> Settings:
 def test_registry_lists_the_ladder():
     assert sorted(MODELS) == ["M1", "M2", "M4", "M5", "M6", "M7"]
     assert all(builder.__doc__ for builder in MODELS.values())
-    assert set(SEARCH_SPACES) == set(MODELS)
+    assert list(LADDER) == list(MODELS)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

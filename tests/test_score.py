@@ -11,11 +11,9 @@ from __future__ import annotations
 import io
 import json
 import os
-import struct
 import subprocess
 import sys
 import tempfile
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -23,81 +21,20 @@ import pandas as pd
 import pytest
 
 import cifar_core  # noqa: F401  (tf_keras before TensorFlow)
-from cifar_core.scoring import (DEFAULT_MAX_PIXELS, ImageError, ScoringError, decode_image,
-                                label_of, list_source, resolve_checkpoint)
+from cifar_core.images import DEFAULT_MAX_PIXELS
+from cifar_core.listing import label_of
 from cifar_core.settings import CLASS_NAMES, Settings
-from tests.conftest import make_images
+from tests.imaging import bomb_png, corrupt_png, encode, equivalent_pairs, sample_image
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 # ---------------------------------------------------------------------------- helpers
-def encode(image, fmt: str = "PNG", **kwargs) -> bytes:
-    from PIL import Image
-
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **kwargs)
-    return buffer.getvalue()
-
-
-def png16(array: np.ndarray) -> bytes:
-    """A 16-bit PNG (grayscale (H, W, 1) or RGB (H, W, 3)) from TensorFlow's encoder."""
-    import tensorflow as tf
-
-    return tf.io.encode_png(array.astype(np.uint16)).numpy()
-
-
-def corrupt_png() -> bytes:
-    """A PNG with a valid header whose compressed pixel data has 64 bytes zeroed."""
-    noise = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    data = bytearray(encode(noise))
-    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)
-    return bytes(data)
-
-
-def bomb_png(width: int, height: int) -> bytes:
-    """A valid 1-bit PNG of zeros: a few kB on disk, width*height pixels once decoded."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-
-    compressor = zlib.compressobj(9)
-    row = b"\0" * (1 + (width + 7) // 8)  # filter byte + packed bits
-    body = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body)
-            + chunk(b"IEND", b""))
-
-
-def sample_image(index: int = 3) -> np.ndarray:
-    images, _ = make_images(1, seed=5)
-    return images[index]
-
-
-def equivalent_pairs() -> dict[str, bytes]:
-    """Palette and 16-bit images next to their 8-bit RGB equivalents."""
-    from PIL import Image
-
-    rgb = sample_image()
-    gray = rgb.mean(axis=-1).round().astype(np.uint8)
-    palette = Image.fromarray(rgb).quantize(64)
-    return {
-        "gray16.png": png16(gray[..., None].astype(np.uint16) * 257),
-        "gray16_rgb.png": encode(np.stack([gray] * 3, axis=-1)),
-        "rgb16.png": png16(rgb.astype(np.uint16) * 257),
-        "rgb16_rgb.png": encode(rgb),
-        "palette.png": encode(palette),
-        "palette_rgb.png": encode(palette.convert("RGB")),
-    }
-
-
 def read_rows(uri: str) -> pd.DataFrame:
     if uri.startswith("s3://"):
-        from cifar_core.storage import read_s3_object
+        from cifar_core.storage import read_bytes
 
-        return pd.read_parquet(io.BytesIO(read_s3_object(uri)))
+        return pd.read_parquet(io.BytesIO(read_bytes(uri)))
     return pd.read_parquet(uri) if uri.endswith(".parquet") else pd.read_csv(uri)
 
 
@@ -136,19 +73,6 @@ def ray_module():
 
 
 @pytest.fixture(scope="module")
-def trained_run(image_folder, tmp_path_factory) -> Path:
-    """A real M1 run folder (checkpoints/best, evaluation.json) on the synthetic images."""
-    from cifar_core.data import load_cifar10
-    from cifar_core.train import train
-
-    settings = Settings.from_dict(dict(model="M1", data=str(image_folder), num_epochs=3,
-                                       batch_size=32, optimizer="adam", learning_rate=3e-3))
-    workdir = tmp_path_factory.mktemp("m1run")
-    train(settings, load_cifar10(settings), workdir, verbose=0)
-    return workdir
-
-
-@pytest.fixture(scope="module")
 def samples(image_folder, tmp_path_factory) -> Path:
     """Every synthetic test image (5 per class), exported the way users export theirs."""
     from jobs.export_samples import main
@@ -176,138 +100,6 @@ def test_export_samples_writes_exact_test_images_named_by_class(image_folder, tm
     # Classes in turn: 13 images cover all ten classes.
     assert {label_of(p.name) for p in files} == set(CLASS_NAMES)
     assert main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
-
-
-def test_decode_scales_16_bit_and_matches_8_bit_equivalents():
-    decoded = {name: decode_image(data) for name, data in equivalent_pairs().items()}
-    for name in ("gray16", "rgb16", "palette"):
-        np.testing.assert_array_equal(decoded[f"{name}.png"], decoded[f"{name}_rgb.png"])
-    # Clipping (Pillow's convert on 16-bit grayscale) would make almost every pixel 255.
-    assert decoded["gray16.png"].mean() < 200
-
-
-def test_decode_modes_sizes_and_orientation():
-    from PIL import Image
-
-    rgb = sample_image()
-    alpha = np.random.default_rng(0).integers(0, 256, rgb.shape[:2], dtype=np.uint8)
-    rgba = np.dstack([rgb, alpha])
-    np.testing.assert_array_equal(decode_image(encode(rgba)), rgb)  # alpha dropped
-    gray = decode_image(encode(rgb[..., 0]))
-    assert gray.shape == (32, 32, 3) and (gray[..., 0] == gray[..., 2]).all()
-    wide = decode_image(encode(np.zeros((60, 200, 3), np.uint8) + 90, "JPEG"))
-    assert wide.shape == (32, 32, 3) and abs(int(wide.mean()) - 90) <= 2
-    # EXIF orientation 6 ("rotate 90 CW to view"): a left-half-white image is shown top-white.
-    half = np.zeros((32, 32, 3), np.uint8)
-    half[:, :16] = 255
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    upright = decode_image(encode(half, "JPEG", exif=exif, quality=100))
-    assert upright[:16].mean() > 200 and upright[16:].mean() < 50
-
-
-@pytest.mark.parametrize("data, kind", [
-    (b"", "empty file"),
-    (b"just some text\n", "not an image"),
-    (encode(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))[:1500],
-     "corrupt image"),
-    (corrupt_png(), "corrupt image"),
-    (bomb_png(20_000, 20_000), "too large"),
-])
-def test_decode_refuses_bad_input(data, kind):
-    with pytest.raises(ImageError) as error:
-        decode_image(data)
-    assert error.value.kind == kind
-
-
-def _peak_rss_decoding(path: Path, max_pixels: int) -> tuple[str, float]:
-    """Decode in a fresh process; (outcome, peak resident memory in MiB)."""
-    code = (
-        "import re, sys\n"
-        "from cifar_core.scoring import decode_image, ImageError\n"
-        "data = open(sys.argv[1], 'rb').read()\n"
-        "try:\n"
-        "    decode_image(data, int(sys.argv[2])); print('decoded')\n"
-        "except ImageError as error:\n"
-        "    print(error.kind)\n"
-        # VmHWM: this process's peak resident memory (ru_maxrss would include the pre-exec
-        # copy of the parent, pytest with TensorFlow loaded).
-        "status = open('/proc/self/status').read()\n"
-        "print(int(re.search(r'VmHWM:\\s+(\\d+)', status).group(1)) / 1024)\n")
-    result = subprocess.run([sys.executable, "-c", code, str(path), str(max_pixels)],
-                            cwd=REPO, capture_output=True, text=True, timeout=300, check=True)
-    outcome, peak = result.stdout.split("\n")[:2]
-    return outcome, float(peak)
-
-
-def test_oversized_image_is_refused_before_decoding(tmp_path):
-    path = tmp_path / "bomb.png"
-    path.write_bytes(bomb_png(12_000, 12_000))  # 144 MP: ~0.6 GB to decode as RGB
-    assert path.stat().st_size < 100_000
-    outcome, peak_mib = _peak_rss_decoding(path, DEFAULT_MAX_PIXELS)
-    assert outcome == "too large"
-    assert peak_mib < 200, f"refusing the image used {peak_mib:.0f} MiB"
-    # Control: with the cap lifted the same file really does cost the memory (the check
-    # above can fail).
-    outcome, peak_mib = _peak_rss_decoding(path, 10**9)
-    assert outcome == "decoded" and peak_mib > 400
-
-
-def test_labels_from_class_folders_and_file_names():
-    assert label_of("cat/0001.jpg") == "cat"
-    assert label_of("train/Dog/x/0001.jpg") == "dog"
-    assert label_of("frog_00012.png") == "frog"
-    assert label_of("ship.png") == "ship"
-    assert label_of("catalog/photo.png") is None
-    assert label_of("photos/IMG_0001.jpg") is None
-
-
-def test_resolve_checkpoint_run_and_sweep(trained_run, tmp_path):
-    from cifar_core.records import COMPLETED, ERRORED, TrialRecord
-
-    best = trained_run / "checkpoints" / "best"
-    assert resolve_checkpoint(str(best)).local_dir == best
-    assert resolve_checkpoint(str(trained_run)).local_dir == best
-    assert resolve_checkpoint(str(best / "model.keras")).local_dir == best
-
-    sweep = tmp_path / "sweep"
-
-    def record(trial_id: str, status: str, accuracy: float | None, checkpoint: str) -> None:
-        folder = sweep / "trials" / trial_id
-        folder.mkdir(parents=True)
-        (folder / "trial.json").write_text(TrialRecord(
-            trial_id=trial_id, sweep="sweep", kind="tune", model="M1", settings={},
-            settings_hash=trial_id, status=status, stop_reason="completed",
-            best_val_accuracy=accuracy, test_accuracy=0.99 if trial_id == "M1-c" else 0.1,
-            checkpoint_uri=checkpoint).to_json())
-
-    record("M1-a", COMPLETED, 0.6, str(best))
-    record("M1-b", ERRORED, 0.9, str(tmp_path / "nowhere"))          # errored: never chosen
-    record("M1-c", COMPLETED, 0.4, str(trained_run / "checkpoints" / "last"))  # best *test*
-    (sweep / "trials" / "M1-d").mkdir()
-    (sweep / "trials" / "M1-d" / "trial.json").write_text("{half written")
-    chosen = resolve_checkpoint(str(sweep))
-    assert chosen.local_dir == best
-    assert chosen.selected_trial["trial_id"] == "M1-a"
-    assert chosen.selected_trial["selected_by"] == "best_val_accuracy"
-    with pytest.raises(ScoringError, match="not a checkpoint folder"):
-        resolve_checkpoint(str(tmp_path / "empty"))
-
-
-def test_listing_refuses_escaping_symlinks_and_special_files(tmp_path):
-    src, outside = tmp_path / "src", tmp_path / "outside"
-    src.mkdir(), outside.mkdir()
-    (outside / "secret.png").write_bytes(encode(sample_image()))
-    (src / "a.png").write_bytes(encode(sample_image()))
-    (src / "up.png").symlink_to(outside / "secret.png")
-    (src / "dir_link").symlink_to(outside)
-    (src / "inside_link.png").symlink_to(src / "a.png")
-    os.mkfifo(src / "pipe")
-    listing = list_source(str(src)).set_index("path")
-    kinds = {Path(p).name: row.error.split(":")[0] for p, row in listing.iterrows()}
-    assert kinds == {"a.png": "", "up.png": "symlink outside SRC",
-                     "dir_link": "symlink outside SRC", "inside_link.png": "",
-                     "pipe": "not a regular file"}
 
 
 def _write_unsafe_checkpoint(folder: Path) -> Path:
@@ -486,7 +278,7 @@ def test_s3_source_and_output_match_local(ray_module, s3_bucket, samples, traine
     import shutil
 
     from cifar_core.records import COMPLETED, TrialRecord
-    from cifar_core.storage import read_text, upload_dir, write_text
+    from cifar_core.storage import read_text, upload_tree, write_text
 
     folder = tmp_path / "images"
     shutil.copytree(samples, folder / "batch1")
@@ -494,10 +286,10 @@ def test_s3_source_and_output_match_local(ray_module, s3_bucket, samples, traine
     (folder / "bad" / "empty.jpg").write_bytes(b"")
     (folder / "bad" / "notes.txt").write_text("hello")
     (folder / "bad" / "huge.png").write_bytes(bomb_png(20_000, 20_000))
-    upload_dir(folder, f"s3://{s3_bucket}/images")
+    upload_tree(folder, f"s3://{s3_bucket}/images")
     # MODEL as an s3 sweep folder whose only completed trial is the trained run.
     checkpoint = f"s3://{s3_bucket}/sweep/trials/M1-x/best"
-    upload_dir(trained_run / "checkpoints" / "best", checkpoint)
+    upload_tree(trained_run / "checkpoints" / "best", checkpoint)
     write_text(f"s3://{s3_bucket}/sweep/trials/M1-x/trial.json", TrialRecord(
         trial_id="M1-x", sweep="sweep", kind="tune", model="M1", settings={},
         settings_hash="x", status=COMPLETED, stop_reason="completed", best_val_accuracy=0.5,

@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from cifar_core.settings import MODEL_DEFAULTS, Settings, SettingsError
+from cifar_core.ladder import LADDER
+from cifar_core.settings import Settings, SettingsError
 
 
 def test_model_defaults_are_the_seed_notebooks():
@@ -21,7 +22,7 @@ def test_model_defaults_are_the_seed_notebooks():
 
 def test_explicit_values_override_model_defaults_and_none_means_unset():
     s = Settings.from_dict({"model": "M4", "learning_rate": 3e-3, "batch_size": None})
-    assert s.learning_rate == 3e-3 and s.batch_size == MODEL_DEFAULTS["M4"]["batch_size"]
+    assert s.learning_rate == 3e-3 and s.batch_size == LADDER["M4"].seed_settings["batch_size"]
 
 
 def test_json_round_trip():

@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from cifar_core.records import TrialRecord
-from cifar_core.settings import Settings
-from cifar_core.provenance import git_commit
-from cifar_core.sweep import (SweepOptions, _cell_config, _check_one_data_source,
-                              earlier_code_versions, plan_cells, read_records, record_unfinished,
-                              run_sweep, trial_order)
+from cifar_core.plan import SweepOptions, check_one_data_source, plan_cells, trial_order
+from cifar_core.provenance import code_version
+from cifar_core.records import TrialRecord, scan
+
+from cifar_core.sweep import read_records, record_unfinished, run_sweep
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -62,13 +61,13 @@ def test_resubmitting_runs_only_missing_cells(tmp_path, image_folder, ray_local)
     assert {k: again[k] for k in first} == first
     # After a code change the same settings are new cells (ids hash the code version): the
     # sweep names the earlier trials they match, so a re-run from epoch 0 is no surprise.
-    assert earlier_code_versions(extended, plan_cells(extended, git_commit())) == []
+    assert scan(extended.sweep_uri).earlier_versions(plan_cells(extended, code_version())) == []
     newer = plan_cells(extended, "a-later-commit")
-    lines = earlier_code_versions(extended, newer)
+    lines = scan(extended.sweep_uri).earlier_versions(newer)
     assert len(lines) == 3 and all("completed at code version" in line for line in lines)
     # An interrupted trial has checkpoints but no record: named with the epoch it reached.
     next(Path(opts.sweep_uri, "trials").glob("*/trial.json")).unlink()
-    lines = earlier_code_versions(extended, newer)
+    lines = scan(extended.sweep_uri).earlier_versions(newer)
     assert len(lines) == 3
     assert sum("interrupted at epoch 1 " in line and "starts over" in line
                for line in lines) == 1
@@ -153,7 +152,6 @@ def test_cells_tune_never_created_count_as_interrupted(tmp_path):
     grid = write_grid(tmp_path / "grid.json", {"M1": {"learning_rate": [0.01, 0.02, 0.03]}})
     opts = options(tmp_path, grid=grid)
     cells = plan_cells(opts, "v1")
-    configs = {cell.trial_id: _cell_config(cell, opts) for cell in cells}
     finished = cells[0]
     record = TrialRecord(trial_id=finished.trial_id, sweep=opts.name, kind="tune", model="M1",
                          settings=finished.settings.to_dict(), settings_hash=finished.digest,
@@ -161,8 +159,10 @@ def test_cells_tune_never_created_count_as_interrupted(tmp_path):
     path = Path(opts.sweep_uri) / "trials" / finished.trial_id / "trial.json"
     path.parent.mkdir(parents=True)
     path.write_text(record.to_json())
-    missing = record_unfinished([], opts, configs, stopped_by_scheduler=set())
+    records, missing = record_unfinished([], {c.trial_id: c for c in cells},
+                                         stopped_by_scheduler=set(), storage_root=opts.storage)
     assert sorted(missing) == sorted(cell.trial_id for cell in cells[1:])
+    assert list(records) == [finished.trial_id]
 
 
 def test_cells_are_validated_and_hashed_before_ray(tmp_path, image_folder):
@@ -171,7 +171,7 @@ def test_cells_are_validated_and_hashed_before_ray(tmp_path, image_folder):
     cells = plan_cells(opts, "abc123")
     assert len(cells) == 2 * (6 + 12) and len({c.trial_id for c in cells}) == len(cells)
     assert {c.settings.seed for c in cells} == {0, 1}
-    _check_one_data_source(cells)  # seeds vary, the data split does not: one load serves all
+    check_one_data_source(cells)  # seeds vary, the data split does not: one load serves all
     assert plan_cells(opts, "abc123") == cells                 # stable ids
     assert plan_cells(opts, "def456")[0].digest != cells[0].digest  # code version counts
 
@@ -276,7 +276,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, image
     done = subprocess.run(command + ["--resume"], cwd=REPO, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "resuming the interrupted sweep" in done.stdout
+    assert "resuming the interrupted sweep" in done.stdout + done.stderr
     records = [TrialRecord.from_json(p.read_text()) for p in trials.glob("*/trial.json")]
     assert len(records) == 3 and {r.status for r in records} == {"completed"}
     after = {p.parent.name: p.stat().st_mtime_ns for p in trials.glob("*/trial.json")}
@@ -286,8 +286,8 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, image
 @pytest.mark.slow
 def test_m7_trial_runs_as_a_multi_worker_train_run(tmp_path, image_folder):
     # Its own Ray with 4 logical CPUs: the Tune trial (1) drives 2 Train workers (1 each).
-    script = ("import sys, cifar_core; from cifar_core.finetune import connect;"
-              "connect(None, num_cpus=4);"
+    script = ("import sys, cifar_core; from cifar_core.ray_glue import connect_ray;"
+              "connect_ray(None, dashboard=True, num_cpus=4);"
               "from jobs.tune import main; sys.exit(main(sys.argv[1:]))")
     done = subprocess.run(
         [sys.executable, "-c", script, "--smoke-test", "--models", "M7", "--m7-workers", "2",

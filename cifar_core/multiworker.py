@@ -1,4 +1,7 @@
-"""Multi-worker (multi-GPU, multi-node) training on Ray Train: M7's two-phase fine-tuning.
+"""The Ray Train driver: multi-worker (multi-GPU, multi-node) runs of the one training function.
+
+Used by ``cifar finetune`` (M7's two-phase fine-tuning across GPUs) and by sweep cells whose
+M7 trials get several workers (``--m7-workers``). The training itself is ``train.train``.
 
 A ``TensorflowTrainer`` starts ``num_workers`` Ray actors; each one runs the project's one
 training function, ``cifar_core.train.train``, under ``MultiWorkerMirroredStrategy``:
@@ -37,17 +40,15 @@ training function, ``cifar_core.train.train``, under ``MultiWorkerMirroredStrate
   writes ``<record_root>/trials/<trial_id>/{trial.json, best/, metrics.jsonl}`` (records.py
   layout, ``kind="finetune"``), ``best/`` being the checkpoint format the scoring job reads.
 
-``run_finetune`` is the driver (``cifar finetune``); ``finetune_trial`` runs the same driver as
-a Ray Tune function, so a sweep can give an M7 trial several GPU workers (Train V2 in Tune: the
-Tune trial is only the driver, the workers get their own placement group).
+``run_finetune`` is the driver (``cifar finetune``); ``finetune_trial`` runs the same driver
+inside a Ray Tune trial, so a sweep can give an M7 trial several GPU workers (Train V2 in Tune:
+the Tune trial is only the driver, the workers get their own placement group).
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -56,11 +57,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import cifar_core  # noqa: F401  (selects tf_keras before TensorFlow loads)
-from ray.tune.integration.ray_train import TuneReportCallback
 from cifar_core import storage
-from cifar_core.records import (COMPLETED, ERRORED, RECORD_FILE, TRIALS_DIR, TrialRecord,
-                                settings_hash, trial_id)
-from cifar_core.settings import MODEL_DEFAULTS, Settings, SettingsError
+from cifar_core.ladder import LADDER
+from cifar_core.records import (COMPLETED, ERRORED, Cell, Outcome, TrialRecord, make_record,
+                                settings_hash)
+from cifar_core.settings import Settings, SettingsError
 
 #: Learning-rate rules for a global batch other than the seed's (see the module docstring).
 LR_RULES = ("none", "linear", "sqrt")
@@ -97,14 +98,19 @@ class FinetuneOptions:
     sweep: str | None = None          # the record's sweep name; default ``name``
 
     def __post_init__(self) -> None:
-        if not self.name or "/" in self.name or self.name in (".", ".."):
-            raise FinetuneError(f"--name {self.name!r} must be a non-empty folder name")
+        try:
+            storage.check_name(self.name, "--name")
+        except storage.StorageError as error:
+            raise FinetuneError(str(error)) from None
         if self.num_workers < 1:
             raise FinetuneError(f"--num-workers {self.num_workers} must be >= 1")
-        if self.cpus_per_worker <= 0:
-            raise FinetuneError(f"--cpus-per-worker {self.cpus_per_worker} must be > 0")
-        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
-            raise FinetuneError(f"--gpus-per-worker {self.gpus_per_worker} must be >= 0")
+        if not (math.isfinite(self.cpus_per_worker) and self.cpus_per_worker > 0):
+            raise FinetuneError(f"--cpus-per-worker {self.cpus_per_worker} must be a finite "
+                                "number > 0")
+        if self.gpus_per_worker is not None and not (
+                math.isfinite(self.gpus_per_worker) and self.gpus_per_worker >= 0):
+            raise FinetuneError(f"--gpus-per-worker {self.gpus_per_worker} must be a finite "
+                                "number >= 0")
         if self.max_failures < -1:
             raise FinetuneError(f"--max-failures {self.max_failures} must be >= -1 "
                                 "(-1: unlimited)")
@@ -145,7 +151,7 @@ class FinetuneResult:
 
     @property
     def best_uri(self) -> str:
-        return storage.join_uri(self.trial_uri, "best")
+        return storage.join_uri(self.trial_uri, storage.BEST)
 
 
 # ---------------------------------------------------------------------------- settings
@@ -153,7 +159,7 @@ def scale_learning_rate(settings: Settings, rule: str) -> Settings:
     """Both phases' learning rates for ``settings.batch_size``, relative to the seed's batch."""
     if rule not in LR_RULES:
         raise FinetuneError(f"learning-rate rule {rule!r} must be one of {LR_RULES}")
-    reference = MODEL_DEFAULTS[settings.model]["batch_size"]
+    reference = LADDER[settings.model].seed_settings["batch_size"]
     ratio = settings.batch_size / reference
     factor = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[rule]
     if factor == 1.0:
@@ -189,6 +195,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray
     import ray.train
 
+    from cifar_core.ray_glue import RayReporter
     from cifar_core.train import TrainState, train
 
     context = ray.train.get_context()
@@ -208,23 +215,15 @@ def train_loop_per_worker(config: dict) -> None:
             where = (f"resuming at phase {start.phase + 1}, epoch {start.epoch}"
                      if resume_from else "starting from scratch")
             print(f"cifar finetune: {context.get_world_size()} workers, {where}", flush=True)
-
-        def report(metrics: dict, last_checkpoint: str) -> None:
-            # Every worker reports (Ray Train's report is a barrier); only rank 0 hands over
-            # its checkpoints/ folder, holding last/ and best/ so a restart gets both back.
-            checkpoint = None
-            if rank == 0:
-                checkpoint = ray.train.Checkpoint.from_directory(Path(last_checkpoint).parent)
-            ray.train.report({**metrics, "start_epoch": start.epoch, "replicas": replicas},
-                             checkpoint=checkpoint)
-
-        result = train(settings, data, workdir / "run", report=report, resume_from=resume_from,
-                       strategy=strategy, verbose=2 if rank == 0 else 0)
+        reporter = RayReporter("train", rank=rank,
+                               extra={"start_epoch": start.epoch, "replicas": replicas})
+        result = train(settings, data, workdir / "run", report=reporter,
+                       resume_from=resume_from, strategy=strategy)
         # One more report after the test evaluation, so the final checkpoint carries
         # best/evaluation.json and the driver (or Tune) sees test_accuracy.
         final = dict(result.state.history[-1]) if result.state.history else {}
         final.update({k: result.evaluation[k] for k in ("test_accuracy", "test_loss")})
-        report(final, str(result.last_checkpoint))
+        reporter(final, str(result.last_checkpoint))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -237,7 +236,8 @@ def make_strategy(world_size: int):
     """
     import tensorflow as tf
 
-    from cifar_core.train import configure_gpus, limit_threads_to_ray_cpus
+    from cifar_core.ray_glue import limit_threads_to_ray_cpus
+    from cifar_core.train import configure_gpus
 
     limit_threads_to_ray_cpus()
     configure_gpus()
@@ -250,67 +250,29 @@ def make_strategy(world_size: int):
     return None  # one worker, one device: plain fit, no collective overhead
 
 
-
-
 def _starting_checkpoint(workdir: Path, init_from: str | None) -> Path | None:
     """The ``last`` checkpoint to continue from: Ray's latest report, else ``init_from``."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # a restart after a failure, or a re-launched run
-        return Path(checkpoint.to_directory(str(workdir / "restored"))) / "last"
+        return Path(checkpoint.to_directory(str(workdir / "restored"))) / storage.LAST
     if init_from:
         local = workdir / "init"
         storage.download_tree(init_from, local)
-        if not (local / "state.json").exists():
-            raise FinetuneError(f"--init-from {init_from}: not a checkpoint folder "
-                                "(no state.json)")
         return local
     return None
 
 
+def check_init_from(init_from: str) -> None:
+    """``--init-from`` must be a checkpoint folder (state.json + model.keras), checked on the
+    driver before any worker starts."""
+    for name in (storage.STATE_FILE, storage.MODEL_FILE):
+        if not storage.exists(storage.join_uri(init_from, name)):
+            raise FinetuneError(f"--init-from {init_from}: not a checkpoint folder (no {name})")
+
+
 # ---------------------------------------------------------------------------- the driver
-def connect(address: str | None = None, **init_kwargs: Any) -> None:
-    """Join the cluster at ``address``/``RAY_ADDRESS``, else start a private local Ray.
-
-    A private Ray gets a GCS port chosen here, ``RAY_ADDRESS`` naming it in the environment its
-    processes inherit, and its own dashboard (the state API's server): Ray Train V2's
-    PlacementGroupCleaner asks the state API whether our controller is alive, and without both
-    it asks *another* Ray on the same machine (the first one found, or whatever answers on
-    127.0.0.1:8265), is told the controller does not exist, and removes our workers' placement
-    group mid-run. Seen repeatedly on this shared development machine; a cluster with one Ray
-    per host is not affected.
-    """
-    import socket
-
-    import ray
-
-    from cifar_core.sweep import connect_ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address and address != "local":
-        connect_ray(address)
-        return
-    from cifar_core.provenance import runtime_env_vars
-
-    with socket.socket() as probe:
-        probe.bind(("", 0))
-        port = probe.getsockname()[1]
-    host = ray.util.get_node_ip_address()
-    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-    os.environ["RAY_ADDRESS"] = f"{host}:{port}"
-    try:
-        ray.init(address="local", runtime_env={"env_vars": runtime_env_vars()},
-                 **{**init_kwargs, "include_dashboard": True})
-    except BaseException:
-        os.environ.pop("RAY_ADDRESS", None)
-        raise
-    finally:
-        os.environ.pop("RAY_GCS_SERVER_PORT", None)
-
-
 def build_trainer(settings: Settings, options: FinetuneOptions, data_ref: Any, *,
                   callbacks: tuple = (), train_loop: Callable[[dict], None] | None = None):
     """The ``TensorflowTrainer`` for one run (``train_loop`` replaces the worker function in
@@ -352,16 +314,15 @@ def run_finetune(settings: Settings, options: FinetuneOptions, *, data=None,
     import ray
 
     from cifar_core.data import load_cifar10
-    from cifar_core.provenance import git_commit, provenance
+    from cifar_core.provenance import code_version, provenance
+    from cifar_core.ray_glue import connect_ray
 
     settings = scale_learning_rate(settings, options.scale_learning_rate)
     check_global_batch(settings, options.replicas)
     check_xla(settings, options)
-    digest = settings_hash(settings, settings.data, git_commit())
-    run_id = options.trial_id or trial_id(settings, digest)
-    record_root = options.record_root or options.run_uri
-    trial_uri = storage.join_uri(record_root, TRIALS_DIR, run_id)
-
+    if options.init_from:
+        check_init_from(options.init_from)
+    cell = _cell(settings, options, code_version())
     previous = latest_report(options)
     if previous is not None and not options.resume:
         raise FinetuneError(
@@ -370,12 +331,11 @@ def run_finetune(settings: Settings, options: FinetuneOptions, *, data=None,
             "--name")
     if options.resume:
         print(f"cifar finetune: {_describe(previous, options)}", flush=True)
-
-    connect(address)
+    connect_ray(address, dashboard=True)
     if data is None:
         data = load_cifar10(settings)
     storage.write_text(storage.join_uri(options.run_uri, RUN_SPEC_FILE), json.dumps({
-        "settings": settings.to_dict(), "options": asdict(options), "trial_id": run_id,
+        "settings": settings.to_dict(), "options": asdict(options), "trial_id": cell.trial_id,
         "data": data.summary(), "provenance": provenance()}, indent=1))
     trainer = build_trainer(settings, options, ray.put(data), callbacks=callbacks,
                             train_loop=train_loop)
@@ -384,17 +344,24 @@ def run_finetune(settings: Settings, options: FinetuneOptions, *, data=None,
     try:
         result = trainer.fit()
     except Exception as error:  # ray.train.TrainingFailedError, or the cluster's own errors
-        record = _errored_record(settings, options, run_id, digest, data, error,
+        record = _errored_record(cell, options, data, error,
                                  earlier_time + time.time() - started)
-        storage.write_text(storage.join_uri(trial_uri, RECORD_FILE), record.to_json())
+        storage.write_text(cell.record_uri, record.to_json())
         raise FinetuneError(
             f"fine-tune run {options.run_uri} failed after the {options.max_failures} "
             f"restart(s) --max-failures allows: {_first_lines(error)}\nIts checkpoints are "
             "kept: launch it again with the same --name and --storage and --resume to "
-            f"continue from the last one. Record: {storage.join_uri(trial_uri, RECORD_FILE)}"
-        ) from error
-    return _export(result, settings, options, run_id, digest, data, trial_uri,
-                   earlier_time + time.time() - started)
+            f"continue from the last one. Record: {cell.record_uri}") from error
+    return _export(result, cell, options, data, earlier_time + time.time() - started)
+
+
+def _cell(settings: Settings, options: FinetuneOptions, code: str) -> Cell:
+    digest = settings_hash(settings, settings.data, code)
+    if options.trial_id:  # a sweep's cell: its id, not one hashed here
+        digest = options.trial_id.partition("-")[2]
+    return Cell(settings, digest, sweep=options.sweep or options.name,
+                sweep_uri=options.record_root or options.run_uri, kind="finetune",
+                resources=options.resources)
 
 
 def latest_report(options: FinetuneOptions) -> tuple[Any, dict] | None:
@@ -436,50 +403,36 @@ def _time_spent(previous: tuple[Any, dict] | None, options: FinetuneOptions) -> 
     return sum(m.get("epoch_time_s", 0.0) for m in history)
 
 
-def _checkpoint_uri(checkpoint, options: FinetuneOptions) -> str:
-    """A reported checkpoint's folder as a URI of the run's storage (Ray strips "s3://")."""
-    return ("s3://" if storage.is_s3(options.storage) else "") + checkpoint.path
-
-
 def _read_state(checkpoint, options: FinetuneOptions) -> dict:
     """A reported checkpoint's last/state.json, read in place (no model download)."""
-    return json.loads(storage.read_text(
-        storage.join_uri(_checkpoint_uri(checkpoint, options), "last", "state.json")))
+    return json.loads(storage.read_text(storage.join_uri(
+        storage.as_uri(checkpoint.path, options.storage), storage.LAST, storage.STATE_FILE)))
 
 
-def _export(result, settings: Settings, options: FinetuneOptions, run_id: str, digest: str,
-            data, trial_uri: str, wall_time_s: float) -> FinetuneResult:
+def _export(result, cell: Cell, options: FinetuneOptions, data,
+            wall_time_s: float) -> FinetuneResult:
     """Copy the final checkpoint's best/ to the trial folder and write its TrialRecord."""
+    trial_uri = storage.trial_uri(cell.sweep_uri, cell.trial_id)
     with tempfile.TemporaryDirectory() as folder:
         local = Path(result.checkpoint.to_directory(folder))
-        state = json.loads((local / "last" / "state.json").read_text())
-        best = local / "best"
-        if not (best / "model.keras").exists():  # no epoch had a val_accuracy: keep the last
-            best = local / "last"
-        evaluation = json.loads((best / "evaluation.json").read_text())
-        best_uri = storage.join_uri(trial_uri, "best")
-        storage.upload_tree(best, best_uri)
-        history = state["history"]
-        storage.write_text(storage.join_uri(trial_uri, "metrics.jsonl"),
-                           "".join(json.dumps(m) + "\n" for m in history))
-        record = TrialRecord(
-            trial_id=run_id, sweep=options.sweep or options.name, kind="finetune",
-            model=settings.model, settings=settings.to_dict(), settings_hash=digest,
-            status=COMPLETED,
-            stop_reason=("early_stopped" if "early_stopped" in state["stop_reasons"]
-                         else "completed"),
-            epochs_run=state["epoch"], best_val_accuracy=state["best_val_accuracy"],
-            best_epoch=state["best_epoch"], test_accuracy=evaluation.get("test_accuracy"),
-            test_loss=evaluation.get("test_loss"), wall_time_s=round(wall_time_s, 2),
-            resources=options.resources, checkpoint_uri=best_uri, data=data.summary(),
-            history=history, evaluation=evaluation,
-            provenance=json.loads((best / "provenance.json").read_text()), finished=_now())
-    storage.write_text(storage.join_uri(trial_uri, RECORD_FILE), record.to_json())
+        state = json.loads((local / storage.LAST / storage.STATE_FILE).read_text())
+        best = local / storage.BEST
+        if not (best / storage.MODEL_FILE).exists():  # no epoch had a val_accuracy: the last
+            best = local / storage.LAST
+        evaluation = json.loads((best / storage.EVALUATION_FILE).read_text())
+        storage.upload_tree(best, cell.best_uri)
+        storage.write_text(storage.join_uri(trial_uri, storage.METRICS_FILE),
+                           "".join(json.dumps(m) + "\n" for m in state["history"]))
+        record = make_record(cell, Outcome(
+            COMPLETED, state["history"], state["stop_reasons"], evaluation,
+            checkpoint_uri=cell.best_uri, wall_time_s=wall_time_s), data.summary(),
+            json.loads((best / storage.PROVENANCE_FILE).read_text()))
+    storage.write_text(cell.record_uri, record.to_json())
     return FinetuneResult(record, trial_uri, options.run_uri)
 
 
-def _errored_record(settings: Settings, options: FinetuneOptions, run_id: str, digest: str,
-                    data, error: BaseException, wall_time_s: float) -> TrialRecord:
+def _errored_record(cell: Cell, options: FinetuneOptions, data, error: BaseException,
+                    wall_time_s: float) -> TrialRecord:
     history, checkpoint_uri = [], None
     try:
         previous = latest_report(options)
@@ -487,17 +440,10 @@ def _errored_record(settings: Settings, options: FinetuneOptions, run_id: str, d
         previous = None
     if previous is not None:
         history = _read_state(previous[0], options).get("history", [])
-        checkpoint_uri = _checkpoint_uri(previous[0], options)
-    best = max(history, key=lambda m: m.get("val_accuracy", -math.inf), default={})
-    return TrialRecord(
-        trial_id=run_id, sweep=options.sweep or options.name, kind="finetune",
-        model=settings.model, settings=settings.to_dict(), settings_hash=digest,
-        status=ERRORED, stop_reason="error",
-        epochs_run=int(history[-1]["epoch"]) if history else 0,
-        best_val_accuracy=best.get("val_accuracy"), best_epoch=best.get("epoch"),
-        wall_time_s=round(wall_time_s, 2), resources=options.resources,
-        checkpoint_uri=checkpoint_uri, data=data.summary(), history=history,
-        error=str(error)[:2000], finished=_now())
+        checkpoint_uri = storage.as_uri(previous[0].path, options.storage)
+    return make_record(cell, Outcome(ERRORED, history, error=str(error),
+                                     checkpoint_uri=checkpoint_uri, wall_time_s=wall_time_s),
+                       data.summary())
 
 
 def _first_lines(error: BaseException, count: int = 6) -> str:
@@ -505,57 +451,30 @@ def _first_lines(error: BaseException, count: int = 6) -> str:
     return "\n".join(lines[:count]) or type(error).__name__
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
 # ---------------------------------------------------------------------------- Tune
-def finetune_trial(config: dict, data=None, cells: dict[str, dict] | None = None) -> None:
-    """Ray Tune function trainable: one sweep cell trained by a multi-worker Ray Train run.
+def finetune_trial(cell: Cell, data=None) -> None:
+    """Inside a Ray Tune trial: train ``cell`` with a multi-worker Ray Train run.
 
-    The cell is ``cells[config["trial_id"]]`` (the sweep passes ``cells`` and ``data`` with
-    ``tune.with_parameters``), or ``config["cell"]`` without ``cells``. A cell is
-    ``{"settings": {...}, "meta": {...}}``; ``meta`` holds ``trial_id``, ``sweep``,
-    ``sweep_uri``, optionally ``s3_endpoint``, and ``workers``: ``FinetuneOptions`` fields
-    (``num_workers``, ``use_gpu``, ``cpus_per_worker``, ``gpus_per_worker``,
-    ``max_failures``, ``scale_learning_rate``, ``keep_checkpoints``, ``scratch_dir``).
-
-    The Train run lives in ``<sweep_uri>/finetune-<trial_id>/`` and resumes from there when
-    Tune retries the trial. Each epoch's metrics reach Tune (for its scheduler) as Train
-    reports them, except the last epoch's: that one is reported after the record and
-    ``best/`` are in ``<sweep_uri>/trials/<trial_id>/``, together with test_accuracy, so a
-    scheduler stopping the trial at its last rung cannot lose them. ``data`` is optional:
-    without it the driver loads ``settings.data``. The trial itself is only the Train driver:
-    give it ``{"CPU": 1}`` and cap ``max_concurrent_trials`` by the GPUs,
-    ``total GPUs // (num_workers * gpus_per_worker)``.
+    ``cell.workers`` holds ``FinetuneOptions`` fields (``num_workers``, ``use_gpu``,
+    ``cpus_per_worker``, ``gpus_per_worker``, ``max_failures``, ``scale_learning_rate``,
+    ``keep_checkpoints``, ``scratch_dir``). The Train run lives in
+    ``<sweep_uri>/finetune-<trial_id>/`` and resumes from there when Tune retries the trial.
+    Each epoch's metrics reach Tune (for its scheduler) as Train reports them, except the
+    last epoch's: that one is reported after the record and ``best/`` are written, with
+    test_accuracy, so a scheduler stopping the trial at its last rung cannot lose them. The
+    trial itself is only the Train driver: give it ``{"CPU": 1}`` and cap
+    ``max_concurrent_trials`` by the GPUs, ``total GPUs // (num_workers * gpus_per_worker)``.
     """
     from ray import tune
 
-    cell = cells[config["trial_id"]] if cells is not None else config["cell"]
-    meta = cell["meta"]
-    if meta.get("s3_endpoint"):
-        os.environ["AWS_ENDPOINT_URL"] = meta["s3_endpoint"]  # workers inherit it (runtime_env)
-    settings = Settings.from_dict(cell["settings"])
+    from cifar_core.ray_glue import train_to_tune
+
     options = FinetuneOptions(
-        storage=meta["sweep_uri"], name=f"finetune-{meta['trial_id']}", resume=True,
-        record_root=meta["sweep_uri"], trial_id=meta["trial_id"], sweep=meta.get("sweep"),
-        **meta.get("workers", {}))
-    result = run_finetune(settings, options, data=data,
-                          callbacks=(_TuneReport(hold_from_epoch=settings.total_epochs),))
+        storage=cell.sweep_uri, name=f"finetune-{cell.trial_id}", resume=True,
+        record_root=cell.sweep_uri, trial_id=cell.trial_id, sweep=cell.sweep,
+        **(cell.workers or {}))
+    result = run_finetune(cell.settings, options, data=data,
+                          callbacks=(train_to_tune(cell.settings.total_epochs),))
     record = result.record
     tune.report({**record.history[-1], "test_accuracy": record.test_accuracy,
                  "test_loss": record.test_loss})
-
-
-class _TuneReport(TuneReportCallback):
-    """Ray's Train-to-Tune bridge, holding back the last epoch's report and the final one."""
-
-    def __init__(self, hold_from_epoch: int):
-        super().__init__()
-        self.hold_from_epoch = hold_from_epoch
-
-    def after_report(self, run_context, metrics, checkpoint):
-        rank0 = metrics[0] if metrics else {}
-        if rank0.get("epoch", 0) >= self.hold_from_epoch or "test_accuracy" in rank0:
-            return
-        super().after_report(run_context, metrics, checkpoint)
