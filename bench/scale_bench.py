@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import socket
 import sys
 import tempfile
@@ -116,15 +118,20 @@ def main(argv=None) -> int:
     if not args.no_s3:
         from moto.server import ThreadedMotoServer
 
+        for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY",
+                            "testing"), ("AWS_DEFAULT_REGION", "us-east-1")):
+            os.environ.setdefault(name, value)  # moto's: never a real account
+
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
         server.start()
         kinds["moto S3"] = f"http://127.0.0.1:{port}"
         client = storage.s3_client(kinds["moto S3"])
         client.meta.events.register(
-            "before-call.s3.GetObject",
+            "provide-client-params.s3.GetObject",
             lambda params, **_: GETS.append(params["Key"])
             if params["Key"].endswith(storage.RECORD_FILE) else None)
     results = {}
