@@ -13,7 +13,10 @@ import statistics
 from pathlib import Path
 
 import cifar_core  # noqa: F401  (tf_keras before TensorFlow)
-from cifar_core.provenance import provenance
+from cifar_core.provenance import git_commit, provenance
+
+#: The commit when the benchmark started (files edited while it runs must not relabel it).
+STARTED_AT_COMMIT = git_commit()
 
 #: The repository's root: results are written to ``REPO / "results"``.
 REPO = Path(__file__).resolve().parent.parent

@@ -110,7 +110,7 @@ def start_local_cluster(config: str | os.PathLike = REPO_ROOT / "cluster.local.y
     if not Path("/proc/self/environ").exists():
         raise ClusterError("the rehearsal cluster needs Linux: stopping it reads /proc")
     temp_dir = Path(temp_dir or tempfile.mkdtemp(prefix="cfrehearsal-", dir="/tmp"))
-    temp_dir.mkdir(parents=True, exist_ok=True)
+    temp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     gcs_port, dashboard_port, client_port = _free_port(), _free_port(), _free_port()
 
     # The fake provider starts worker raylets itself and must be told where the GCS listens
@@ -121,7 +121,9 @@ def start_local_cluster(config: str | os.PathLike = REPO_ROOT / "cluster.local.y
     resolved_config.write_text(yaml.safe_dump(settings, sort_keys=False))
 
     token_path = temp_dir / "auth_token"
-    descriptor = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # A new file only (O_EXCL), never through a link (O_NOFOLLOW), readable by us alone.
+    descriptor = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                         0o600)
     with os.fdopen(descriptor, "w") as handle:
         handle.write(secrets.token_hex(32))  # 256 bits, as `ray get-auth-token --generate`
 
@@ -255,26 +257,39 @@ class RehearsalNodeProvider(FakeMultiNodeProvider):
 
 
 # ---------------------------------------------------------------------------- command line
+def _pointer() -> Path:
+    """Where ``start`` remembers the running cluster's folder (the user's own cache)."""
+    from cifar_core.storage import cache_dir
+
+    return cache_dir("rehearsal") / "current"
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cluster/local.sh", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=("start", "stop", "env"))
-    parser.add_argument("--temp-dir", default=os.environ.get("CIFAR_FLEET_REHEARSAL_DIR",
-                                                             "/tmp/cifar-fleet-rehearsal"),
-                        help="Folder for the cluster's state, token and Ray session "
-                             "(default /tmp/cifar-fleet-rehearsal).")
+    parser.add_argument("--temp-dir", default=os.environ.get("CIFAR_FLEET_REHEARSAL_DIR"),
+                        help="Folder for the cluster's state, token and Ray session (default: "
+                             "a new private folder under /tmp for start; the running "
+                             "cluster's, remembered in the user's cache, for env and stop).")
     parser.add_argument("--config", default=str(REPO_ROOT / "cluster.local.yaml"))
     args = parser.parse_args(argv)
+    pointer = _pointer()
     if args.action == "start":
-        if Path(args.temp_dir, STATE_FILE).exists() and _alive(LocalCluster.load(args.temp_dir)):
-            print(f"a rehearsal cluster is already running in {args.temp_dir}", file=sys.stderr)
+        running = args.temp_dir or (pointer.read_text().strip() if pointer.exists() else None)
+        if running and Path(running, STATE_FILE).exists() and _alive(LocalCluster.load(running)):
+            print(f"a rehearsal cluster is already running in {running}", file=sys.stderr)
             return 2
         cluster = start_local_cluster(args.config, args.temp_dir)
+        pointer.write_text(cluster.temp_dir)
         print(f"rehearsal cluster up: dashboard and jobs at {cluster.address}, state in "
               f"{cluster.temp_dir}")
         print('clients: eval "$(cluster/local.sh env)"; stop: cluster/local.sh stop')
         return 0
-    cluster = LocalCluster.load(args.temp_dir)
+    temp_dir = args.temp_dir or (pointer.read_text().strip() if pointer.exists() else None)
+    if not temp_dir:
+        print("no rehearsal cluster is known (start one, or pass --temp-dir)", file=sys.stderr)
+        return 2
+    cluster = LocalCluster.load(temp_dir)
     if args.action == "env":
         for name, value in cluster.client_env().items():
             print(f"export {name}={shlex.quote(value)}")

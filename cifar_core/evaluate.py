@@ -39,3 +39,17 @@ def evaluate(model, data: Cifar10, settings: Settings) -> dict:
     summary = classification_summary(data.y_test, probabilities.argmax(axis=1))
     return {"test_loss": float(test_loss), "test_accuracy": float(test_accuracy),
             "test_images": int(len(data.y_test)), **summary}
+
+
+def label_summary(collected: dict[str, list]) -> dict:
+    """Accuracy and confusion matrix over the files whose label is known and which scored ok."""
+    index = {name: i for i, name in enumerate(CLASS_NAMES)}
+    pairs = [(index[label], index[predicted]) for label, predicted, status in zip(
+        collected["label"], collected["predicted_class"], collected["status"])
+        if label and status == "ok"]
+    labelled = sum(1 for label in collected["label"] if label)
+    if not pairs:
+        return {"labelled_files": labelled, "scored": 0, "accuracy": None}
+    y_true, y_pred = (np.array(values) for values in zip(*pairs))
+    return {"labelled_files": labelled, "scored": len(pairs),
+            **classification_summary(y_true, y_pred)}

@@ -37,8 +37,13 @@ class ListingError(ValueError):
     """SRC is missing, not a folder, empty or cannot be listed."""
 
 
+#: Columns of a listing: ``path`` is printable text (for the output), ``source`` the exact
+#: bytes of the file's name (to open it: a name need not be UTF-8).
+COLUMNS = ["path", "source", "size", "label", "status", "error"]
+
+
 def list_source(src: str, limit: int | None = None, endpoint: str | None = None):
-    """A DataFrame with one row per file under SRC: path, size, label, status, error.
+    """A DataFrame with one row per file under SRC (``COLUMNS``).
 
     Files that must not be read (escaping symlinks, special files, unlistable folders) are
     already ``error`` here; the rest are ``pending``. Sorted by path; ``limit`` keeps the first N.
@@ -59,14 +64,21 @@ def list_source(src: str, limit: int | None = None, endpoint: str | None = None)
     rows.sort(key=lambda row: row["path"])
     if limit is not None:
         rows = rows[:limit]
-    listing = pd.DataFrame(rows, columns=["path", "size", "label", "status", "error"])
+    listing = pd.DataFrame(rows, columns=COLUMNS)
     listing["size"] = listing["size"].astype("int64")
     return listing
 
 
 def _row(path: str, relative: str, size: int = 0, error: str = "") -> dict:
-    return {"path": path, "size": size, "label": label_of(relative) or "",
-            "status": ERROR if error else PENDING, "error": error}
+    return {"path": printable(path), "source": os.fsencode(path), "size": size,
+            "label": label_of(relative) or "", "status": ERROR if error else PENDING,
+            "error": error}
+
+
+def printable(path: str) -> str:
+    """A file name as text any writer can store: bytes that are not UTF-8 (which ``os.walk``
+    hands back as surrogates) become ``\\xNN`` escapes, so such a file is a row like any other."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def label_of(relative: str) -> str | None:
@@ -142,7 +154,7 @@ def _list_s3(src: str, endpoint: str | None) -> list[dict]:
 def read_files(batch: dict[str, np.ndarray], root: str, max_file_bytes: int,
                endpoint: str | None = None) -> dict[str, np.ndarray]:
     """Ray Data stage: add ``bytes`` (and ``read_s``) for every pending row; never raises."""
-    paths, sizes = batch["path"], batch["size"]
+    paths, sizes = [os.fsdecode(bytes(s)) for s in batch["source"]], batch["size"]
     status = np.array(batch["status"], dtype=object)
     errors = np.array(batch["error"], dtype=object)
     contents = np.empty(len(paths), dtype=object)

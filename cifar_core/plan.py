@@ -215,10 +215,19 @@ def plan_cells(options: SweepOptions, code_version: str) -> list[Cell]:
                     settings = _scale_epochs(Settings.from_dict(config), options.epochs_scale)
                 except SettingsError as error:
                     raise SettingsError(f"model {model}: {error}") from error
+                workers = _workers(options, model)
+                if workers:  # each of the Train run's workers takes an equal share of a batch
+                    from cifar_core.multiworker import check_global_batch
+
+                    try:
+                        check_global_batch(settings, workers["num_workers"])
+                    except SettingsError as error:
+                        raise SweepError(f"--m7-workers {workers['num_workers']}: {error}"
+                                         ) from None
                 cell = Cell(settings, settings_hash(settings, settings.data, code_version),
                             sweep=options.name, sweep_uri=options.sweep_uri,
                             resources=options.trial_resources(model), s3_endpoint=endpoint,
-                            workers=_workers(options, model))
+                            workers=workers)
                 cells.setdefault(cell.trial_id, cell)
     return list(cells.values())
 

@@ -237,7 +237,11 @@ def publish_report(report, destination: str, *, endpoint: str | None = None, cli
                     "checkpoint": relative_key("checkpoints", model, record.trial_id)}
             for model, record in sorted(report.best_records().items())}
     with tempfile.TemporaryDirectory(prefix="cifar-publish-") as scratch:
-        items = report_items(report, Path(scratch), endpoint)
+        try:
+            items = report_items(report, Path(scratch), endpoint)
+        except (*storage.s3_errors(), storage.StorageError, OSError) as error:
+            raise PublishError(f"publish to {destination}: cannot gather the report's objects "
+                               f"({type(error).__name__}: {error}); nothing was sent") from error
         extra = {"best_checkpoints": best, "data_as_of": data_as_of(report.records),
                  "winner": {"trial_id": winner.trial_id, "sweep": winner.sweep,
                             "model": winner.model} if winner else None}

@@ -60,6 +60,25 @@ def connect_ray(address: str | None = None, *, dashboard: bool = False,
     return True
 
 
+def is_private(address: str | None) -> bool:
+    """Whether ``connect_ray(address)`` starts a private local Ray (no cluster, no autoscaler)."""
+    return (address or os.environ.get("RAY_ADDRESS") or "local") == "local"
+
+
+def unfit(request: dict[str, float]) -> str | None:
+    """Why no node of the running Ray can ever hold ``request`` ({"CPU": n, "GPU": n}), or
+    None if one can. For a private local Ray only: a cluster's autoscaler may add nodes."""
+    import ray
+
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    for resources in nodes:
+        if all(resources.get(k, 0) >= v for k, v in request.items() if v):
+            return None
+    largest = max(nodes, key=lambda r: (r.get("GPU", 0), r.get("CPU", 0)), default={})
+    return (f"asks for {request}, but the largest node here has CPU={largest.get('CPU', 0):g}, "
+            f"GPU={largest.get('GPU', 0):g} (nothing would ever run it)")
+
+
 def _start_private(dashboard: bool, kwargs: dict[str, Any]) -> None:
     import ray
 

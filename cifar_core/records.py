@@ -42,7 +42,7 @@ def settings_hash(settings: Settings, data_source: str, code_version: str) -> st
 
 
 def now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,7 @@ class TrialRecord:
     provenance: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     finished: str | None = None          # ISO time
+    started: str | None = None           # ISO time the (last) attempt's trial function began
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, default=float)
@@ -127,6 +128,7 @@ class Outcome:
     error: str | None = None
     wall_time_s: float | None = None     # None: the sum of the epochs' times
     finished: str | None = field(default_factory=now)
+    started: str | None = None
 
 
 def make_record(cell: Cell, outcome: Outcome, data: dict | None = None,
@@ -151,7 +153,8 @@ def make_record(cell: Cell, outcome: Outcome, data: dict | None = None,
         wall_time_s=float(wall), resources=dict(cell.resources),
         checkpoint_uri=outcome.checkpoint_uri, data=dict(data or {}), history=list(history),
         evaluation=outcome.evaluation, provenance=dict(provenance or {}),
-        error=outcome.error[:2000] if outcome.error else None, finished=outcome.finished)
+        error=outcome.error[:2000] if outcome.error else None, finished=outcome.finished,
+        started=outcome.started)
 
 
 # ---------------------------------------------------------------------------- reading a sweep

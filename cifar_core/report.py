@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -65,6 +66,8 @@ DEFAULT_GPU_HOUR_PRICE = (NODE_PRICES["g5.xlarge"]["usd_per_hour"]
 #: Kind of a record made from a plain ``cifar train`` run folder (not by Tune).
 TRAIN_KIND = "train"
 
+log = logging.getLogger(__name__)
+
 
 class ReportError(ValueError):
     """The runs given to the report are missing, empty or unreadable."""
@@ -76,8 +79,8 @@ def load_records(runs: Sequence[str], endpoint: str | None = None) -> list[Trial
 
     ``trial.json`` files anywhere below a location are read as they are; ``cifar train`` run
     folders (``settings.json`` + ``metrics.jsonl``) that are not inside a sweep become records
-    of kind ``train``. Raises ``ReportError`` when a location holds neither, or when a record
-    does not parse (naming it).
+    of kind ``train``. A record that does not parse is named in a warning and skipped; raises
+    ``ReportError`` when a location holds no readable record and no run folder.
     """
     records: list[TrialRecord] = []
     for uri in runs:
@@ -92,7 +95,9 @@ def load_records(runs: Sequence[str], endpoint: str | None = None) -> list[Trial
                     raise data
                 found.append(TrialRecord.from_json(data))
             except (ValueError, TypeError, OSError) as error:
-                raise ReportError(f"{path}: not a readable trial record ({error})") from error
+                # One damaged file must not hide every other result: named, then skipped.
+                log.warning("cifar report: skipped %s: not a readable trial record (%s)",
+                            path, error)
         # A sweep's root is <root>/trials/<trial_id>/trial.json; run folders inside one are
         # Tune's own working copies of trials already counted through their trial.json.
         sweep_roots = {storage.parent_uri(storage.parent_uri(storage.parent_uri(path)))
@@ -324,20 +329,39 @@ SCORE_SUMMARY_KEYS = ("src", "model", "files", "ok", "errors", "images_per_s", "
 
 
 def load_score_summaries(uris: Sequence[str], endpoint: str | None = None) -> list[dict]:
-    """``cifar score``'s ``<out>.summary.json`` files (local or s3://), checked to be such."""
+    """``cifar score``'s ``<out>.summary.json`` files (local or s3://), checked to be such and
+    to describe the outputs beside them (each output's size, and SHA-256 when local)."""
     summaries = []
     for uri in uris:
         try:
             summary = json.loads(storage.read_text(uri, endpoint))
-        except (OSError, storage.StorageError, json.JSONDecodeError) as error:
+        except (OSError, storage.StorageError, json.JSONDecodeError, *storage.s3_errors()
+                ) as error:
             raise ReportError(f"--scores {uri}: cannot read a scoring summary: {error}")
         missing = [k for k in SCORE_SUMMARY_KEYS if not isinstance(summary, dict)
                    or k not in summary]
         if missing:
             raise ReportError(f"--scores {uri}: not a cifar score summary (missing "
                               f"{', '.join(missing)}); pass the OUT.summary.json it wrote")
+        for output, facts in (summary.get("output_files") or {}).items():
+            problem = _output_mismatch(output, facts, endpoint)
+            if problem:
+                raise ReportError(f"--scores {uri}: {output} {problem}: the summary and the "
+                                  "output are from different runs (re-run cifar score)")
         summaries.append({**summary, "summary_uri": uri})
     return summaries
+
+
+def _output_mismatch(output: str, facts: dict, endpoint: str | None) -> str | None:
+    if not storage.exists(output, endpoint):
+        return "is missing"
+    if storage.is_s3(output):
+        return None  # its size is checked when read; hashing a large object is not worth it
+    digest = storage.digest_of(Path(output))
+    if digest.sha256 != facts.get("sha256"):
+        return (f"has SHA-256 {digest.sha256[:12]}..., not the summary's "
+                f"{str(facts.get('sha256'))[:12]}...")
+    return None
 
 
 def describe_data(source: str | None, settings: dict | None = None) -> str:

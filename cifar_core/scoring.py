@@ -22,6 +22,7 @@ folders or ``<class>_*`` file names), ``predicted_class``, ``confidence``, ``top
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -32,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from cifar_core.evaluate import label_summary
 from cifar_core.checkpoints import Checkpoint, CheckpointError, check_model, resolve_checkpoint
 from cifar_core.images import DECODE_SIZE, DEFAULT_MAX_PIXELS, decode_rows, one_line
 from cifar_core.listing import (DEFAULT_MAX_FILE_BYTES, ERROR, OK, ListingError, inside,
@@ -76,11 +78,15 @@ class ScoreOptions:
     def __post_init__(self) -> None:
         for name in ("batch_size", "concurrency", "max_pixels", "max_file_bytes"):
             if getattr(self, name) < 1:
-                raise ScoringError(f"{name}={getattr(self, name)!r} must be >= 1")
-        if min(self.gpus_per_actor, self.cpus_per_actor, self.model_threads) < 0:
-            raise ScoringError("gpus_per_actor, cpus_per_actor and model_threads must be >= 0")
-        if self.decode_cpus <= 0:
-            raise ScoringError(f"decode_cpus={self.decode_cpus!r} must be > 0")
+                raise ScoringError(f"--{name.replace('_', '-')} {getattr(self, name)!r} must "
+                                   "be >= 1")
+        for name in ("gpus_per_actor", "cpus_per_actor", "model_threads"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ScoringError(f"--{name.replace('_', '-')} {value!r} must be a finite "
+                                   "number >= 0")
+        if not (math.isfinite(self.decode_cpus) and self.decode_cpus > 0):
+            raise ScoringError(f"--decode-cpus {self.decode_cpus!r} must be a finite number > 0")
         if self.limit is not None and self.limit < 1:
             raise ScoringError(f"limit={self.limit!r} must be >= 1")
         unknown = set(self.formats) - set(OUTPUT_FORMATS)
@@ -222,24 +228,31 @@ class OutputWriter:
             if uri.endswith(".csv"):
                 if self._csv is None:
                     self._csv = pyarrow.csv.CSVWriter(str(path), self.schema)
-                self._csv.write_table(table)
+                self._csv.write_table(pa.Table.from_pandas(
+                    spreadsheet_safe(frame[self.columns]), schema=self.schema,
+                    preserve_index=False))
             else:
                 if self._parquet is None:
                     self._parquet = pyarrow.parquet.ParquetWriter(str(path), self.schema)
                 self._parquet.write_table(table)
         self.rows += len(frame)
 
-    def commit(self) -> None:
+    def commit(self) -> dict[str, dict]:
+        """Put every output in place; their sizes and SHA-256, for the summary written next."""
         for writer in (self._csv, self._parquet):
             if writer is not None:
                 writer.close()
+        written = {}
         for uri, path in zip(self.uris, self.temporary):
+            digest = storage.digest_of(path)
+            written[uri] = {"rows": self.rows, "bytes": digest.size, "sha256": digest.sha256}
             if is_s3(uri):
                 upload_file(path, uri, self.endpoint)
                 path.unlink()
             else:
                 os.replace(path, uri)
         self.temporary = []
+        return written
 
     def abort(self) -> None:
         for writer in (self._csv, self._parquet):
@@ -252,6 +265,21 @@ class OutputWriter:
             path.unlink(missing_ok=True)
 
 
+#: Spreadsheets run a cell that starts with one of these as a formula (CSV injection).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(frame):
+    """The frame with every text cell that a spreadsheet would execute prefixed by ``'``
+    (OWASP's advice for CSV injection); Parquet output keeps the exact values."""
+    frame = frame.copy()
+    for column in frame.columns:
+        if frame[column].dtype == object:
+            frame[column] = [("'" + v) if isinstance(v, str) and v.startswith(FORMULA_STARTS)
+                             else v for v in frame[column]]
+    return frame
+
+
 # ---------------------------------------------------------------------------- the job
 @dataclass
 class ScoreSummary:
@@ -261,6 +289,7 @@ class ScoreSummary:
     outputs: list[str]
     summary_uri: str
     model: dict
+    output_files: dict[str, dict] = field(default_factory=dict)  # uri -> rows, bytes, sha256
     files: int = 0
     ok: int = 0
     errors: int = 0
@@ -388,6 +417,11 @@ def plan_scoring(src: str, model: str, out: str, options: ScoreOptions = ScoreOp
     src = src.rstrip("/") if is_s3(src) else src
     outputs, summary_uri = output_uris(out, options.formats)
     check_output(src, out)
+    if is_s3(out):
+        try:  # a missing bucket would otherwise fail only after the whole pipeline
+            storage.check_bucket(out, options.endpoint)
+        except storage.StorageError as error:
+            raise ScoringError(f"OUT {out!r}: {error}") from error
     start = time.perf_counter()
     try:
         listing = list_source(src, options.limit, options.endpoint)
@@ -418,7 +452,7 @@ def execute(plan: ScoringPlan, log=print) -> ScoreSummary:
         if writer.rows != len(plan.listing):  # the promise: N files in, N rows out
             raise RuntimeError(f"internal error: {len(plan.listing)} files listed but "
                                f"{writer.rows} rows produced; output not replaced")
-        writer.commit()
+        written = writer.commit()
     except BaseException:
         writer.abort()
         raise
@@ -429,7 +463,8 @@ def execute(plan: ScoringPlan, log=print) -> ScoreSummary:
                     if s == ERROR)
     summary = ScoreSummary(
         src=plan.src, outputs=plan.outputs, summary_uri=plan.summary_uri,
-        model=plan.checkpoint.describe(), files=len(status), ok=len(status) - errors,
+        model=plan.checkpoint.describe(), output_files=written, files=len(status),
+        ok=len(status) - errors,
         errors=errors, error_rate=errors / len(status),
         errors_by_kind=dict(sorted(kinds.items())),
         images_per_s=len(status) / pipeline_s, pipeline_s=round(pipeline_s, 3),
@@ -438,6 +473,8 @@ def execute(plan: ScoringPlan, log=print) -> ScoreSummary:
                  **{name: round(value, 3) for name, value in stage.items()}},
         labels=label_summary(collected) if plan.has_labels else None,
         options=asdict(options), provenance=provenance())
+    # Last, like a manifest: it names each output's rows and SHA-256, so the summary beside
+    # an output always describes it (after a crash in between, the old one no longer matches).
     write_text(plan.summary_uri, json.dumps(asdict(summary), indent=1, default=str) + "\n",
                options.endpoint)
     return summary
@@ -447,19 +484,3 @@ def score(src: str, model: str, out: str, options: ScoreOptions = ScoreOptions()
           log=print) -> ScoreSummary:
     """``plan_scoring`` then ``execute``: score every file under SRC with MODEL into OUT."""
     return execute(plan_scoring(src, model, out, options), log)
-
-
-def label_summary(collected: dict[str, list]) -> dict:
-    """Accuracy and confusion matrix over the files whose label is known and which scored ok."""
-    from cifar_core.evaluate import classification_summary
-
-    index = {name: i for i, name in enumerate(CLASS_NAMES)}
-    pairs = [(index[label], index[predicted]) for label, predicted, status in zip(
-        collected["label"], collected["predicted_class"], collected["status"])
-        if label and status == OK]
-    labelled = sum(1 for label in collected["label"] if label)
-    if not pairs:
-        return {"labelled_files": labelled, "scored": 0, "accuracy": None}
-    y_true, y_pred = (np.array(values) for values in zip(*pairs))
-    return {"labelled_files": labelled, "scored": len(pairs),
-            **classification_summary(y_true, y_pred)}

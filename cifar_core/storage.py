@@ -44,8 +44,6 @@ METRICS_FILE = "metrics.jsonl"
 
 #: Bounded retries for every boto3 call ("standard" mode: throttling and transient 5xx).
 S3_MAX_ATTEMPTS = 5
-#: S3's limit for one PUT; checkpoints of this project's models are far smaller.
-MAX_SINGLE_PUT_BYTES = 5 * 1024**3
 
 
 class StorageError(RuntimeError):
@@ -109,9 +107,7 @@ def split_s3(uri: str) -> tuple[str, str]:
 def s3_endpoint(endpoint: str | None = None) -> str | None:
     """The endpoint override in force (``endpoint``, else ``AWS_ENDPOINT_URL``), checked."""
     endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
-    if endpoint is not None:
-        check_endpoint(endpoint)
-    return endpoint
+    return None if endpoint is None else check_endpoint(endpoint)
 
 
 def check_endpoint(endpoint: str) -> str:
@@ -318,6 +314,15 @@ def iter_s3(uri: str, endpoint: str | None = None):
         raise StorageError(f"{uri}: bucket {bucket!r} does not exist") from error
 
 
+def check_bucket(uri: str, endpoint: str | None = None) -> None:
+    """``StorageError`` unless the bucket of ``uri`` exists and answers."""
+    bucket, _ = split_s3(uri)
+    try:
+        s3_client(endpoint).head_bucket(Bucket=bucket)
+    except s3_errors() as error:
+        raise StorageError(f"bucket {bucket!r} is missing or not reachable ({error})") from None
+
+
 def download_s3_prefix(uri: str, endpoint: str | None = None, workers: int = 16) -> Path:
     """Mirror an s3:// prefix into the local cache (keyed by URI and ETags, so a changed
     object is fetched again; a marker file marks it whole) and return the local folder."""
@@ -463,8 +468,6 @@ def put_verified(client, bucket: str, key: str, source: Path | bytes, digest: Di
     ``{"IfNoneMatch": "*"}``) makes S3 refuse the PUT with 412 if the object changed."""
     import mimetypes
 
-    if digest.size > MAX_SINGLE_PUT_BYTES:
-        raise StorageError(f"s3://{bucket}/{key}: {digest.size} bytes exceeds one PUT's limit")
     head = head_object(client, bucket, key)
     if head is not None and mismatch(head, digest) is None:
         return False

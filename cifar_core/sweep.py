@@ -27,7 +27,7 @@ from cifar_core import storage
 from cifar_core.plan import (SweepOptions, check_one_data_source, plan_cells, trial_order,
                              with_checkpoints)
 from cifar_core.records import (COMPLETED, ERRORED, STOPPED_BY_SCHEDULER, Cell, Outcome,
-                                TrialRecord, make_record, scan)
+                                TrialRecord, make_record, now, scan)
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,20 @@ def _run(todo: list[Cell], options: SweepOptions, data, address: str | None):
     from cifar_core.data import load_cifar10
     from cifar_core.ray_glue import connect_ray
 
-    connect_ray(address, dashboard=any(cell.workers for cell in todo))
+    from cifar_core.plan import SweepError
+    from cifar_core.ray_glue import is_private, unfit
+
+    started = connect_ray(address, dashboard=any(cell.workers for cell in todo))
+    if is_private(address):
+        for cell in todo:
+            problem = unfit({k: v for k, v in cell.resources.items() if k in ("CPU", "GPU")})
+            if problem:
+                if started:
+                    import ray
+
+                    ray.shutdown()
+                raise SweepError(f"trial {cell.trial_id} ({cell.settings.model}) {problem}; "
+                                 "change --resources/--use-gpu or run on a cluster (--address)")
     if data is None:
         data = load_cifar10(todo[0].settings)
     cells = {cell.trial_id: cell for cell in todo}
@@ -133,6 +146,7 @@ def run_trial(config: dict, data, cells: dict[str, Cell]) -> None:
         from cifar_core.multiworker import finetune_trial
 
         return finetune_trial(cell, data)
+    started, started_at = time.time(), now()  # the trial's wall time counts all of it
     import tf_keras as keras
 
     from cifar_core.ray_glue import RayReporter, limit_threads_to_ray_cpus
@@ -143,15 +157,14 @@ def run_trial(config: dict, data, cells: dict[str, Cell]) -> None:
     workdir = Path(tempfile.mkdtemp(prefix=f"{cell.trial_id}-"))
     try:
         resume_from, earlier_time = _restore(cell, workdir)
-        started = time.time()
         reporter = RayReporter("tune", hold_from_epoch=cell.settings.total_epochs)
         result = train(cell.settings, data, workdir, report=reporter, resume_from=resume_from)
         storage.upload_tree(result.best_checkpoint, cell.best_uri, cell.s3_endpoint)
         provenance = json.loads((result.best_checkpoint / storage.PROVENANCE_FILE).read_text())
         record = make_record(cell, Outcome(
             COMPLETED, result.state.history, result.state.stop_reasons, result.evaluation,
-            checkpoint_uri=cell.best_uri, wall_time_s=time.time() - started + earlier_time),
-            data.summary(), provenance)
+            checkpoint_uri=cell.best_uri, wall_time_s=time.time() - started + earlier_time,
+            started=started_at), data.summary(), provenance)
         storage.write_text(cell.record_uri, record.to_json(), cell.s3_endpoint)
         reporter.flush()
     finally:

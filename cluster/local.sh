@@ -6,8 +6,9 @@
 #   ray job submit --working-dir . -- python -m jobs.tune --smoke-test ...
 #   cluster/local.sh stop     # ends exactly the processes `start` began, by pid (never a machine-wide Ray stop)
 #
-# State (token, logs, Ray session) lives in $CIFAR_FLEET_REHEARSAL_DIR
-# (default /tmp/cifar-fleet-rehearsal). Runs with the Python of the active environment
+# State (token, logs, Ray session) lives in a new private folder under /tmp (mode 0700, the
+# token file 0600), remembered in ~/.cache/cifar-fleet/rehearsal/current for env and stop;
+# $CIFAR_FLEET_REHEARSAL_DIR or --temp-dir names another. Runs with the Python of the active environment
 # (the one `pip install -e ".[test]"` installed this project into).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -12,9 +12,18 @@ def add_log_level(parser) -> None:
                         help="How much the job says (default INFO: progress and results).")
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is when a line is logged (a job called
+    in-process, as the tests do, may find it replaced since it configured logging)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def configure_logging(level: str = "INFO") -> None:
     """The jobs' own lines (loggers under ``cifar_core``) to stderr, one plain line each."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Stderr()
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger = logging.getLogger("cifar_core")
     logger.handlers[:] = [handler]

@@ -26,6 +26,7 @@ import cifar_core  # noqa: F401  (selects tf_keras before anything can load Tens
 from cifar_core.report import (DEFAULT_CPU_HOUR_PRICE, DEFAULT_GPU_HOUR_PRICE, ReportError,
                                build_report, load_records, load_score_summaries)
 from cifar_core.storage import StorageError
+from jobs import add_log_level, configure_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,12 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "repeatable.")
     parser.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: "
                                               "AWS_ENDPOINT_URL or AWS).")
+    add_log_level(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure_logging(args.log_level)
     if not args.runs and not args.smoke_test:
         parser.error("--runs STORAGE is required (or --smoke-test)")
     if args.smoke_test:

@@ -16,8 +16,10 @@ process the rehearsal started is stopped by pid, whatever happens.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import ipaddress
 import json
+import importlib.util
 import re
 import time
 import urllib.request
@@ -29,10 +31,24 @@ import yaml
 from cifar_core import cluster as local_cluster
 from tests.conftest import write_image_folder
 
+
+
+def _script(name: str):
+    """A script of cluster/ (a folder of scripts, not a package), loaded as a module."""
+    path = Path(__file__).resolve().parent.parent / "cluster" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+restrict_ssh = _script("ssh_from").restrict_ssh
+
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER_YAML = REPO / "cluster.yaml"
 LOCAL_YAML = REPO / "cluster.local.yaml"
 NODE_POLICY = REPO / "cluster" / "iam-policy.json"
+WORKER_POLICY = REPO / "cluster" / "iam-worker-policy.json"
 HEAD_POLICY = REPO / "cluster" / "iam-head-policy.json"
 TRUST_POLICY = REPO / "cluster" / "ec2-trust-policy.json"
 #: Ray's GCS, dashboard/job API and Ray-client ports: never reachable from outside the cluster.
@@ -204,48 +220,118 @@ def as_list(value) -> list:
     return value if isinstance(value, list) else [value]
 
 
-def test_node_policy_allows_only_the_results_bucket_prefix():
-    bucket_arn = f"arn:aws:s3:::{RESULTS_BUCKET}"
-    for statement in statements(NODE_POLICY):
-        assert statement["Effect"] == "Allow"
-        actions, resources = as_list(statement["Action"]), as_list(statement["Resource"])
-        assert all(a.startswith("s3:") and "*" not in a for a in actions), actions
-        for resource in resources:
-            if resource == bucket_arn:  # bucket-level: listing keys, its region; no data
-                assert set(actions) <= {"s3:ListBucket", "s3:GetBucketLocation"}, actions
+def _condition_holds(condition: dict, context: dict) -> bool:
+    """IAM condition operators these policies use; keys AND together, values OR."""
+    for operator, tests in condition.items():
+        for key, values in tests.items():
+            present, value = key in context, context.get(key)
+            values = as_list(values)
+            if operator == "StringEquals":
+                ok = present and value in values
+            elif operator == "StringNotEquals":
+                ok = not present or value not in values  # AWS: a missing key passes
+            elif operator == "StringLike":
+                ok = present and any(fnmatch.fnmatchcase(value, v) for v in values)
+            elif operator == "Null":
+                ok = (not present) == (values == ["true"])
             else:
-                assert resource == f"{bucket_arn}/{RESULTS_PREFIX}/*", resource
-                assert not {"s3:ListBucket", "s3:PutBucketPolicy"} & set(actions)
+                raise AssertionError(f"operator {operator} is not modelled by this check")
+            if not ok:
+                return False
+    return True
 
 
-def test_head_policy_launches_only_this_clusters_workers():
+def iam_allows(policies: list[Path], action: str, resource: str, **context) -> bool:
+    """IAM's evaluation for one request: an explicit Deny wins, else any Allow, else deny."""
+    allowed = False
+    for path in policies:
+        for statement in statements(path):
+            if not any(fnmatch.fnmatch(action.lower(), a.lower())
+                       for a in as_list(statement["Action"])):
+                continue
+            if not any(fnmatch.fnmatchcase(resource, r) for r in as_list(statement["Resource"])):
+                continue
+            if not _condition_holds(statement.get("Condition", {}), context):
+                continue
+            if statement["Effect"] == "Deny":
+                return False
+            allowed = True
+    return allowed
+
+
+BUCKET = f"arn:aws:s3:::{RESULTS_BUCKET}"
+OURS = f"{BUCKET}/{RESULTS_PREFIX}"
+WORKER = [NODE_POLICY, WORKER_POLICY]
+HEAD = [NODE_POLICY, HEAD_POLICY]
+INSTANCE = "arn:aws:ec2:us-east-1:111122223333:instance/i-0abc"
+LAUNCH = {"aws:RequestedRegion": "us-east-1", "aws:RequestTag/ray-cluster-name": "cifar-fleet",
+          "ec2:InstanceType": "g5.xlarge"}
+
+#: (role, action, resource, request context, allowed?): what the cluster's roles may do.
+IAM_CASES = [
+    ("worker", "s3:GetObject", f"{OURS}/runs/ladder/trials/M1-x/trial.json", {}, True),
+    ("worker", "s3:PutObject", f"{OURS}/runs/ladder/trials/M1-x/trial.json", {}, True),
+    ("worker", "s3:DeleteObject", f"{OURS}/runs/ladder/M1-x_1/checkpoint_000001/x", {}, True),
+    ("worker", "s3:ListBucket", BUCKET, {"s3:prefix": "cifar-fleet/runs/"}, True),
+    ("worker", "s3:ListBucket", BUCKET, {}, False),                      # the whole bucket
+    ("worker", "s3:ListBucket", BUCKET, {"s3:prefix": "other-team/"}, False),
+    ("worker", "s3:GetObject", f"{BUCKET}/other-team/secret", {}, False),
+    ("worker", "s3:PutObject", f"{OURS}/published/manifest.json", {}, False),
+    ("worker", "s3:DeleteObject", f"{OURS}/published/manifest.json", {}, False),
+    ("worker", "s3:GetObject", f"{OURS}/published/manifest.json", {}, True),
+    ("worker", "ec2:RunInstances", INSTANCE, LAUNCH, False),
+    ("head", "s3:PutObject", f"{OURS}/published/manifest.json", {}, True),
+    ("head", "s3:DeleteObject", f"{OURS}/published/manifest.json", {}, False),
+    ("head", "s3:PutBucketPolicy", BUCKET, {}, False),
+    ("head", "ec2:RunInstances", INSTANCE, LAUNCH, True),
+    ("head", "ec2:RunInstances", INSTANCE, {**LAUNCH, "ec2:InstanceType": "p4d.24xlarge"},
+     False),
+    ("head", "ec2:RunInstances", INSTANCE,                              # untagged: unkillable
+     {k: v for k, v in LAUNCH.items() if "RequestTag" not in k}, False),
+    ("head", "ec2:RunInstances", INSTANCE.replace("us-east-1", "eu-west-1"), LAUNCH, False),
+    ("head", "ec2:RunInstances", "arn:aws:ec2:us-east-1::image/ami-1", {"ec2:Owner": "amazon"},
+     True),
+    ("head", "ec2:RunInstances", "arn:aws:ec2:us-east-1::image/ami-1",
+     {"ec2:Owner": "444455556666"}, False),                             # anyone's AMI
+    ("head", "ec2:RunInstances", "arn:aws:ec2:us-east-1:1:security-group/sg-1",
+     {"ec2:ResourceTag/ray-cluster-name": "cifar-fleet"}, True),
+    ("head", "ec2:RunInstances", "arn:aws:ec2:us-east-1:1:security-group/sg-2", {}, False),
+    ("head", "ec2:TerminateInstances", INSTANCE,
+     {"ec2:ResourceTag/ray-cluster-name": "cifar-fleet"}, True),
+    ("head", "ec2:TerminateInstances", INSTANCE, {"ec2:ResourceTag/ray-cluster-name": "x"},
+     False),
+    ("head", "ec2:CreateTags", INSTANCE, {"ec2:CreateAction": "RunInstances"}, True),
+    ("head", "ec2:CreateTags", INSTANCE, {}, False),                     # retag someone's
+    ("head", "iam:PassRole", "arn:aws:iam::1:role/cifar-fleet-node",
+     {"iam:PassedToService": "ec2.amazonaws.com"}, True),
+    ("head", "iam:PassRole", "arn:aws:iam::1:role/cifar-fleet-node",
+     {"iam:PassedToService": "lambda.amazonaws.com"}, False),
+    ("head", "iam:PassRole", "arn:aws:iam::1:role/cifar-fleet-head",
+     {"iam:PassedToService": "ec2.amazonaws.com"}, False),
+    ("head", "iam:CreateUser", "arn:aws:iam::1:user/x", {}, False),
+]
+
+
+@pytest.mark.parametrize("role, action, resource, context, expected", IAM_CASES,
+                         ids=[f"{c[0]}-{c[1]}-{i}" for i, c in enumerate(IAM_CASES)])
+def test_iam_policies_allow_exactly_what_the_cluster_needs(role, action, resource, context,
+                                                           expected):
+    policies = WORKER if role == "worker" else HEAD
+    assert iam_allows(policies, action, resource, **context) is expected
+
+
+def test_policies_name_the_clusters_own_names():
     config = load(CLUSTER_YAML)
-    region, name = config["provider"]["region"], config["cluster_name"]
-    worker_instances = {w["node_config"]["InstanceType"] for w in worker_types(config).values()}
-    node_profile = {w["node_config"]["IamInstanceProfile"]["Name"]
-                    for w in worker_types(config).values()}
-    assert node_profile == {"cifar-fleet-node"}
-    denied_types = None
-    for statement in statements(HEAD_POLICY):
-        actions, resources = as_list(statement["Action"]), as_list(statement["Resource"])
-        assert not any(a == "*" or a.startswith("s3:") or a.endswith(":*") for a in actions)
-        condition = statement.get("Condition", {})
-        if statement["Effect"] == "Deny":
-            assert actions == ["ec2:RunInstances"]
-            denied_types = set(condition["StringNotEquals"]["ec2:InstanceType"])
-            continue
-        if "iam:PassRole" in actions:
-            assert actions == ["iam:PassRole"]
-            assert resources == ["arn:aws:iam::*:role/cifar-fleet-node"]
-        elif {"ec2:TerminateInstances", "ec2:StopInstances"} & set(actions):
-            assert condition == {"StringEquals": {"ec2:ResourceTag/ray-cluster-name": name}}
-        elif "ec2:CreateTags" in actions:
-            assert condition == {"StringEquals": {"ec2:CreateAction": "RunInstances"}}
-        elif any(a.startswith("ec2:") for a in actions):
-            assert condition == {"StringEquals": {"aws:RequestedRegion": region}}
-        else:
-            assert actions == ["ssm:GetParameters"]
-    assert denied_types == worker_instances, "RunInstances must be limited to the worker types"
+    name, region = config["cluster_name"], config["provider"]["region"]
+    profiles = {w["node_config"]["IamInstanceProfile"]["Name"]
+                for w in worker_types(config).values()}
+    assert profiles == {"cifar-fleet-node"}
+    text = HEAD_POLICY.read_text()
+    assert f'ray-cluster-name": "{name}"' in text and region in text
+    launched = {w["node_config"]["InstanceType"] for w in worker_types(config).values()}
+    allowed = next(s for s in statements(HEAD_POLICY)
+                   if s["Sid"] == "LaunchOnlyTaggedWorkersOfTheWorkerTypes")
+    assert set(allowed["Condition"]["StringEquals"]["ec2:InstanceType"]) == launched
 
 
 def test_iam_roles_and_profiles_can_be_created_from_the_repo_json(moto_endpoint, monkeypatch):
@@ -254,8 +340,7 @@ def test_iam_roles_and_profiles_can_be_created_from_the_repo_json(moto_endpoint,
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
     iam = boto3.client("iam", region_name="us-east-1")
-    for role, policies in (("cifar-fleet-node", [NODE_POLICY]),
-                           ("cifar-fleet-head", [NODE_POLICY, HEAD_POLICY])):
+    for role, policies in (("cifar-fleet-node", WORKER), ("cifar-fleet-head", HEAD)):
         iam.create_role(RoleName=role, AssumeRolePolicyDocument=TRUST_POLICY.read_text())
         for policy in policies:
             iam.put_role_policy(RoleName=role, PolicyName=policy.stem,
@@ -293,16 +378,45 @@ def test_ray_aws_bootstrap_creates_a_group_open_only_to_ssh(moto_endpoint, monke
     assert [(r["IpProtocol"], r["FromPort"], r["ToPort"]) for r in world] == [("tcp", 22, 22)]
     assert (tmp_path / ".ssh").is_dir()  # the SSH key went to the (redirected) home only
 
-    # README "Security": replace SSH-from-anywhere with one address; a later `ray up` keeps it.
+    # cluster/ssh_from.py: SSH from one address, in one command; a later `ray up` keeps it.
     (group_id,) = groups
-    ec2.revoke_security_group_ingress(GroupId=group_id, IpProtocol="tcp", FromPort=22,
-                                      ToPort=22, CidrIp="0.0.0.0/0")
-    ec2.authorize_security_group_ingress(GroupId=group_id, IpProtocol="tcp", FromPort=22,
-                                         ToPort=22, CidrIp="203.0.113.7/32")
+    assert restrict_ssh("203.0.113.7/32", "us-east-1", "cifar-fleet-sg", "cifar-fleet",
+                        ec2) == group_id
     bootstrap_aws(prepare_config(load(CLUSTER_YAML)))
     (group,) = ec2.describe_security_groups(GroupIds=[group_id])["SecurityGroups"]
     assert not [r for r in group["IpPermissions"] if opens_to_world(r)], group["IpPermissions"]
     check_rules(group["IpPermissions"], own_groups=groups)
+    assert any(r.get("IpRanges") == [{"CidrIp": "203.0.113.7/32"}] for r in group["IpPermissions"])
+
+
+def test_ssh_from_one_address_before_the_first_ray_up(moto_endpoint, monkeypatch, tmp_path):
+    """Run before `ray up`: the group Ray then uses has no world-open rule at all."""
+    import boto3
+    from ray.autoscaler._private.aws.config import bootstrap_aws
+    from ray.autoscaler._private.aws.utils import client_cache, resource_cache
+    from ray.autoscaler._private.util import prepare_config
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    client_cache.cache_clear()
+    resource_cache.cache_clear()
+    ec2 = boto3.client("ec2", region_name="us-east-1")
+    for group in ec2.describe_security_groups(Filters=[
+            {"Name": "group-name", "Values": ["cifar-fleet-sg"]}])["SecurityGroups"]:
+        ec2.delete_security_group(GroupId=group["GroupId"])  # a fresh account's state
+    with pytest.raises(ValueError, match="whole internet"):
+        restrict_ssh("0.0.0.0/0", "us-east-1", "cifar-fleet-sg", "cifar-fleet", ec2)
+    group_id = restrict_ssh("198.51.100.0/24", "us-east-1", "cifar-fleet-sg", "cifar-fleet",
+                            ec2)
+    config = bootstrap_aws(prepare_config(load(CLUSTER_YAML)))
+    used = {gid for node in config["available_node_types"].values()
+            for gid in node["node_config"]["SecurityGroupIds"]}
+    assert used == {group_id}
+    (group,) = ec2.describe_security_groups(GroupIds=[group_id])["SecurityGroups"]
+    assert not [r for r in group["IpPermissions"] if opens_to_world(r)]
+    check_rules(group["IpPermissions"], own_groups={group_id})
+    tags = {t["Key"]: t["Value"] for t in group.get("Tags", [])}
+    assert tags.get("ray-cluster-name") == "cifar-fleet"  # the head policy's launch condition
 
 
 # ---------------------------------------------------------------------------- end to end
@@ -380,3 +494,21 @@ def test_rehearsal_tune_then_report_on_fake_gpu_cluster(s3_bucket, tmp_path):
         stopped = local_cluster.stop_local_cluster(rehearsal, remove_files=True)
     assert stopped, "stop found no processes of the rehearsal cluster"
     assert not local_cluster._alive(rehearsal)
+
+
+def test_rehearsal_state_is_private_and_fresh(tmp_path, monkeypatch):
+    """The rehearsal's token is never written through a link a neighbour planted in its
+    folder (O_EXCL | O_NOFOLLOW), and stop/env with no cluster known say so."""
+    from cifar_core.cluster import start_local_cluster
+
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_text("not yours")
+    (planted / "auth_token").symlink_to(victim)
+    with pytest.raises(FileExistsError):  # refused before any Ray process starts
+        start_local_cluster(temp_dir=planted, timeout_s=1)
+    assert victim.read_text() == "not yours"
+    monkeypatch.setenv("CIFAR_FLEET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("CIFAR_FLEET_REHEARSAL_DIR", raising=False)
+    assert local_cluster.main(["stop"]) == 2  # no fixed /tmp folder to guess at

@@ -159,6 +159,30 @@ def test_job_rejects_bad_input_before_starting(tmp_path, capsys):
     assert main(["--num-workers", "0", "--storage", str(tmp_path)]) == 2
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--cpus-per-worker", "nan"], "--cpus-per-worker nan"),
+    (["--gpus-per-worker", "-1"], "--gpus-per-worker -1.0"),
+    (["--name", "../x"], "--name '../x'"), (["--keep-checkpoints", "0"], "--keep-checkpoints 0"),
+    (["--s3-endpoint", "minio:9000"], "--s3-endpoint 'minio:9000'"),
+    (["--init-from", "/no/such/checkpoint"], "--init-from /no/such/checkpoint: not a checkpoint"),
+    (["--scale-learning-rate", "cubic"], "invalid choice: 'cubic'"),
+])
+def test_bad_options_exit_2_naming_option_and_value(tmp_path, image_folder, capsys, argv,
+                                                    message):
+    import ray
+
+    from jobs.finetune import main
+
+    ray_was_running = ray.is_initialized()
+    try:
+        code = main(["--storage", str(tmp_path), "--backbone-weights", "none",
+                     "--data", str(image_folder), *argv])
+    except SystemExit as exit:  # argparse's own refusals
+        code = exit.code
+    assert code == 2 and message in capsys.readouterr().err
+    assert ray.is_initialized() == ray_was_running and not list(tmp_path.iterdir())
+
+
 # ---------------------------------------------------------------------------- gradient sync
 @pytest.mark.slow
 def test_gradient_sync_two_workers_equal_one_worker_with_double_batch(

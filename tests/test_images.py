@@ -89,3 +89,17 @@ def test_oversized_image_is_refused_before_decoding(tmp_path):
     # above can fail).
     outcome, peak_mib = _peak_rss_decoding(path, 10**9)
     assert outcome == "decoded" and peak_mib > 400
+
+
+def test_formats_outside_the_list_are_never_opened():
+    """EPS would go to Ghostscript; the decoder opens only ALLOWED_FORMATS."""
+    from cifar_core.images import ALLOWED_FORMATS
+
+    eps = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 32\nshowpage\n%%EOF\n")
+    with pytest.raises(ImageError) as error:
+        decode_image(eps)
+    assert error.value.kind == "not an image" and "PNG" in str(error.value)
+    assert "EPS" not in ALLOWED_FORMATS
+    tiff = encode(sample_image(), "TIFF")  # a real image, just not a listed format
+    with pytest.raises(ImageError, match="not an image"):
+        decode_image(tiff)

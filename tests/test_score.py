@@ -326,3 +326,107 @@ def test_smoke_test_cli_starts_its_own_ray(samples, trained_run, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "20 files, 20 ok, 0 errors" in result.stdout
     assert len(pd.read_csv(out)) == 20
+
+
+EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 32\n"
+       b"newpath 0 0 moveto 32 32 lineto stroke showpage\n%%EOF\n")
+
+
+@pytest.mark.slow
+def test_hostile_names_and_formats_become_rows_and_csv_cells_are_inert(
+        ray_module, trained_run, tmp_path, capsys):
+    """A file name that is not UTF-8, names a spreadsheet would run as formulas, and an EPS
+    file (Pillow would hand it to Ghostscript): each is one row; the CSV cannot execute."""
+    src = tmp_path / "src"
+    src.mkdir()
+    good = encode(sample_image())
+    (src / "=HYPERLINK(x).png").write_bytes(good)
+    (src / "@SUM(1).png").write_bytes(good)
+    (src / "cat_plain.png").write_bytes(good)
+    (src / "figure.eps").write_bytes(EPS)
+    raw_name = os.fsencode(str(src)) + b"/caf\xe9_\xff.png"  # Latin-1 bytes: not UTF-8
+    with open(raw_name, "wb") as handle:
+        handle.write(good)
+    out = tmp_path / "out" / "scores.csv"
+    out.parent.mkdir()
+    code, _, err = score_main(capsys, src, "--model", trained_run, "--out", out,
+                              "--format", "both", "--max-error-rate", "0.5")
+    assert code == 0, err
+    csv_rows = pd.read_csv(out)
+    parquet = pd.read_parquet(out.with_suffix(".parquet")).set_index("path")
+    assert len(csv_rows) == len(parquet) == 5
+    escaped = str(src / "caf\\xe9_\\xff.png")
+    assert parquet.loc[escaped, "status"] == "ok"  # read by its real bytes, shown escaped
+    assert parquet.loc[str(src / "figure.eps"), "error"].startswith("not an image")
+    formula = [p for p in parquet.index if "HYPERLINK" in p or "SUM" in p]
+    assert len(formula) == 2
+    # Paths start with "/", so the cells to neutralise here are error texts and the like; a
+    # path that starts with a formula character (a relative SRC) is checked below.
+    from cifar_core.scoring import spreadsheet_safe
+
+    frame = spreadsheet_safe(pd.DataFrame({"path": ["=cmd|' /C calc'!A0", "+1", "-2", "@x",
+                                                    "ok.png"], "confidence": [0.1] * 5}))
+    assert list(frame["path"]) == ["'=cmd|' /C calc'!A0", "'+1", "'-2", "'@x", "ok.png"]
+    assert list(frame["confidence"]) == [0.1] * 5
+    # The summary is written last and names what it describes.
+    summary = json.loads((out.parent / "scores.summary.json").read_text())
+    import hashlib
+
+    for uri, facts in summary["output_files"].items():
+        assert facts["rows"] == 5
+        assert facts["sha256"] == hashlib.sha256(Path(uri).read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+def test_csv_of_a_relative_src_starting_like_a_formula_is_neutralised(trained_run, tmp_path):
+    """Run from the folder above SRC with a relative SRC named "-x": every path cell starts
+    with "-"; in the CSV each is prefixed with "'", in Parquet it is kept exactly."""
+    src = tmp_path / "-x"
+    src.mkdir()
+    (src / "a.png").write_bytes(encode(sample_image()))
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.score", "--model", str(trained_run),
+         "--out", str(tmp_path / "o.csv"), "--format", "both", "--quiet", "--", "-x"],
+        cwd=tmp_path, env={**os.environ, "RAY_ADDRESS": ""}, capture_output=True, text=True,
+        timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "o.csv").read_text().splitlines()[1].startswith('"\'-x/a.png"')
+    assert pd.read_parquet(tmp_path / "o.parquet")["path"].tolist() == ["-x/a.png"]
+
+
+def test_a_summary_that_does_not_match_its_output_is_refused_by_the_report(tmp_path):
+    from cifar_core.report import ReportError, load_score_summaries
+
+    output = tmp_path / "s.csv"
+    output.write_text("path\na.png\n")
+    import hashlib
+
+    summary = {"src": "x", "model": {}, "files": 1, "ok": 1, "errors": 0, "images_per_s": 1.0,
+               "pipeline_s": 1.0, "output_files": {str(output): {
+                   "rows": 1, "sha256": hashlib.sha256(output.read_bytes()).hexdigest()}}}
+    path = tmp_path / "s.summary.json"
+    path.write_text(json.dumps(summary))
+    assert load_score_summaries([str(path)])[0]["files"] == 1
+    output.write_text("path\nb.png\n")  # a later run replaced the output, not the summary
+    with pytest.raises(ReportError, match="different runs"):
+        load_score_summaries([str(path)])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "0"], "--batch-size 0"), (["--limit", "0"], "limit=0"),
+    (["--gpus-per-actor", "nan"], "--gpus-per-actor nan"),
+    (["--cpus-per-actor", "-1"], "--cpus-per-actor -1.0"),
+    (["--decode-cpus", "0"], "--decode-cpus 0.0"), (["--max-pixels", "0"], "--max-pixels 0"),
+    (["--max-error-rate", "nan"], "--max-error-rate=nan"),
+    (["--s3-endpoint", "localhost:9000"], "--s3-endpoint 'localhost:9000'"),
+    (["--format", "parquet", "--out", "s3://no-such-bucket/x.parquet"], "no-such-bucket"),
+])
+def test_bad_options_exit_2_before_ray(samples, trained_run, tmp_path, capsys, s3_bucket,
+                                       argv, message):
+    import ray
+
+    ray_was_running = ray.is_initialized()
+    out = ["--out", str(tmp_path / "o.csv")] if "--out" not in argv else []
+    code, _, err = score_main(capsys, samples, "--model", trained_run, *out, *argv)
+    assert code == 2 and message in err, err
+    assert ray.is_initialized() == ray_was_running and not (tmp_path / "o.csv").exists()

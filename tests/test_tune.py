@@ -131,6 +131,88 @@ def test_invalid_asha_options_exit_2_before_ray(tmp_path, image_folder):
     assert not (tmp_path / "ladder").exists()
 
 
+BAD_GRIDS = {
+    "empty-axis": ('{"M1": {"learning_rate": []}}', "M1.learning_rate is an empty list"),
+    "model-to-list": ('{"M1": [0.1, 0.2]}', "model M1 maps to list"),
+    "not-an-object": ("[1, 2]", "expected an object"),
+    "bad-range": ('{"M1": {"learning_rate": {"loguniform": [0, 1]}}}', "loguniform needs"),
+    "unknown-sampler": ('{"M1": {"learning_rate": {"gauss": [0, 1]}}}', "not a sampled range"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_GRIDS))
+def test_bad_grid_files_exit_2_naming_the_problem(tmp_path, image_folder, capsys, case):
+    import ray
+
+    from jobs.tune import main
+
+    ray_was_running = ray.is_initialized()
+    text, message = BAD_GRIDS[case]
+    grid = tmp_path / "grid.json"
+    grid.write_text(text)
+    code = main(["--models", "M1", "--grid", str(grid), "--data", str(image_folder),
+                 "--storage", str(tmp_path / "store")])
+    assert code == 2 and message in capsys.readouterr().err
+    assert ray.is_initialized() == ray_was_running and not (tmp_path / "store").exists()
+
+
+def test_a_grid_file_that_is_not_utf8_exits_2(tmp_path, capsys):
+    from jobs.tune import main
+
+    grid = tmp_path / "grid.json"
+    grid.write_bytes(b'{"M1": {"learning_rate": [0.1]}, "x": "\xff\xfe"}')
+    assert main(["--models", "M1", "--grid", str(grid), "--storage", str(tmp_path)]) == 2
+    assert "not UTF-8" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--models", ","], "--models"),
+    (["--models", "M1,M3"], "unknown model(s) ['M3']"),
+    (["--epochs-scale", "nan"], "--epochs-scale nan"),
+    (["--epochs-scale", "-1"], "--epochs-scale -1.0"),
+    (["--resources", "M1=nan,0"], "CPU=nan"),
+    (["--resources", "M1=1,-1"], "GPU=-1.0"),
+    (["--resources", "M1=inf,0"], "CPU=inf"),
+    (["--s3-endpoint", "127.0.0.1:9000"], "--s3-endpoint '127.0.0.1:9000'"),
+    (["--models", "M7", "--m7-workers", "3"], "--m7-workers 3"),
+    (["--name", "../x"], "--name '../x'"),
+    (["--name", "exp#1"], "--name 'exp#1'"),
+    (["--max-concurrent", "0"], "--max-concurrent 0"),
+    (["--seeds", "0"], "--seeds 0"),
+    (["--num-samples", "0"], "--num-samples 0"),
+    (["--grace-period", "0"], "--grace-period 0"),
+    (["--max-failures", "-2"], "--max-failures -2"),
+    (["--learning-rate", "nan"], "learning_rate=nan"),
+])
+def test_bad_options_exit_2_before_ray_naming_option_and_value(tmp_path, image_folder, capsys,
+                                                               argv, message):
+    import ray
+
+    from jobs.tune import main
+
+    ray_was_running = ray.is_initialized()
+    code = main(["--grid", "seed", "--data", str(image_folder), "--storage",
+                 str(tmp_path / "store"), *(["--models", "M1"] if "--models" not in argv
+                                           else []), *argv])
+    assert code == 2, capsys.readouterr()
+    assert message in capsys.readouterr().err
+    assert ray.is_initialized() == ray_was_running and not (tmp_path / "store").exists()
+
+
+def test_resources_no_node_can_hold_exit_2_instead_of_pending_forever(tmp_path, image_folder,
+                                                                      capsys):
+    from jobs.tune import main
+
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.tune", "--models", "M1", "--grid", "seed",
+         "--resources", "M1=64,0", "--data", str(image_folder), "--storage", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "asks for {'CPU': 64.0" in done.stderr and "nothing would ever run it" in done.stderr
+    assert not list(tmp_path.glob("ladder/trials/*"))
+
+
 def test_trials_start_in_a_fixed_shuffle_under_asha(tmp_path):
     # The grid's own order (ascending learning rates) is the worst case for asynchronous ASHA.
     grid = write_grid(tmp_path / "grid.json", {"M1": {"learning_rate": [
@@ -298,3 +380,20 @@ def test_m7_trial_runs_as_a_multi_worker_train_run(tmp_path, image_folder):
     assert record.kind == "finetune" and record.status == "completed"
     assert [m["phase"] for m in record.history] == [1, 2]
     assert record.test_accuracy is not None and (Path(record.checkpoint_uri) / "model.keras").exists()
+
+
+def test_a_damaged_record_is_named_and_its_trial_runs_again(tmp_path, image_folder, ray_local,
+                                                            capsys):
+    from jobs.tune import main
+
+    argv = ["--models", "M1", "--grid", "seed", "--data", str(image_folder), "--num-epochs",
+            "1", "--batch-size", "32", "--storage", str(tmp_path), "--name", "damaged"]
+    assert main(argv) == 0
+    (record,) = (tmp_path / "damaged" / "trials").glob("*/trial.json")
+    whole = record.read_text()
+    record.write_text(whole[: len(whole) // 3])  # a crash or a full disk cut it
+    capsys.readouterr()
+    assert main(argv) == 0  # no JSONDecodeError: the trial counts as not done and runs again
+    err = capsys.readouterr().err
+    assert f"damaged trial record {record}" in err and "runs again" in err
+    assert TrialRecord.from_json(record.read_text()).status == "completed"
