@@ -162,7 +162,11 @@ def read_files(batch: dict[str, np.ndarray], root: str, max_file_bytes: int,
     seconds = np.zeros(len(paths), dtype=np.float64)
     root_real = os.path.realpath(root) if root and not storage.is_s3(root) else None
 
+    down: list[BaseException] = []  # once the store is down, the other reads are not tried
+
     def read_one(index: int) -> None:
+        if down:
+            return
         start = time.perf_counter()
         try:
             if int(sizes[index]) > max_file_bytes:
@@ -171,7 +175,10 @@ def read_files(batch: dict[str, np.ndarray], root: str, max_file_bytes: int,
             contents[index] = _read_one(str(paths[index]), root_real, max_file_bytes, endpoint)
         except ImageError as error:
             status[index], errors[index] = ERROR, str(error)
-        except Exception as error:  # any read failure is this file's problem only
+        except Exception as error:  # any read failure is this file's problem only...
+            if storage.unreachable(error):  # ...unless the store itself is down: the job's
+                down.append(error)
+                raise storage.Unreachable(one_line(error)) from error
             status[index], errors[index] = ERROR, f"unreadable: {one_line(error)}"
         seconds[index] = time.perf_counter() - start
 

@@ -10,6 +10,7 @@ result, so edits elsewhere (README, report, jobs, the sweep driver) keep every i
 
 from __future__ import annotations
 
+import base64
 import datetime as _dt
 import functools
 import hashlib
@@ -18,6 +19,7 @@ import platform
 import socket
 import subprocess
 from importlib import metadata
+from dataclasses import dataclass
 from pathlib import Path
 
 PACKAGES = ("tensorflow", "tf_keras", "ray", "numpy", "scikit-learn", "pandas", "boto3",
@@ -104,3 +106,21 @@ def runtime_env_vars() -> dict[str, str]:
         if os.environ.get(name):
             env[name] = os.environ[name]
     return env
+
+
+# ---------------------------------------------------------------------------- checksums
+@dataclass(frozen=True)
+class Digest:
+    """Size and checksums of some bytes, for verified uploads."""
+    size: int
+    sha256: str   # hex
+    md5: str      # hex
+
+    @property
+    def sha256_base64(self) -> str:
+        return base64.b64encode(bytes.fromhex(self.sha256)).decode()
+
+
+def digest_of(source: Path | bytes) -> Digest:
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()  # < 100 MB here
+    return Digest(len(data), hashlib.sha256(data).hexdigest(), hashlib.md5(data).hexdigest())

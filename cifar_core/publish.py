@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Callable
 
 from cifar_core import storage
-from cifar_core.provenance import git_commit
+from cifar_core.provenance import digest_of, git_commit
 
 MANIFEST = "manifest.json"
 PUBLISHES = "publishes"
@@ -129,7 +129,7 @@ def publish_items(items: dict[str, Path | bytes], destination: str, *,
         raise PublishError("nothing to publish")
     for relative in items:
         object_key(prefix, relative)  # every key is checked before anything is sent
-    digests = {relative: storage.digest_of(source) for relative, source in items.items()}
+    digests = {relative: digest_of(source) for relative, source in items.items()}
     listing = json.dumps(sorted((k, d.sha256) for k, d in digests.items()))
     publish_id = hashlib.sha256(listing.encode()).hexdigest()[:16]
     base = f"{PUBLISHES}/{publish_id}"
@@ -186,7 +186,7 @@ def _swap_manifest(client, bucket: str, result: PublishResult, attempts: int = 5
             manifest["generation"] = 1
         body = json.dumps(manifest, indent=1, sort_keys=True).encode()
         try:
-            storage.put_verified(client, bucket, key, body, storage.digest_of(body), condition)
+            storage.put_verified(client, bucket, key, body, digest_of(body), condition)
         except storage.s3_errors() as error:
             if storage.error_code(error) in ("PreconditionFailed", "412",
                                              "ConditionalRequestConflict"):

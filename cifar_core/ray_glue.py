@@ -1,8 +1,9 @@
 """Everything that couples the project to Ray's APIs, in one place.
 
 - ``connect_ray``: join the cluster named by ``--address``/``RAY_ADDRESS``, else start a
-  private local Ray (never attaching by accident to another Ray on the machine), carrying the
-  Keras switch and provenance to every worker through the job's ``runtime_env``.
+  private local Ray (never attaching by accident to another Ray on the machine, and with a
+  token of its own), carrying the Keras switch and provenance to every worker through the
+  job's ``runtime_env``.
 - ``RayReporter``: the one Keras->Ray bridge. ``train.train`` calls it after every epoch's
   checkpoint; it reports to Tune (a Tune trial) or to Ray Train (a Train worker). Ray's own
   Keras integration has moved modules three times; this file is where that coupling lives.
@@ -12,9 +13,13 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import secrets
+import shutil
 import socket
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +84,31 @@ def unfit(request: dict[str, float]) -> str | None:
             f"GPU={largest.get('GPU', 0):g} (nothing would ever run it)")
 
 
+def private_token() -> Path:
+    """A fresh token for a private Ray, in a new 0700 folder (file 0600, never through a link),
+    and the environment that makes Ray require it: the instance and every process it starts
+    use it, and no other Ray on the machine (sharing ``~/.ray/auth_token``) can join it."""
+    folder = Path(tempfile.mkdtemp(prefix="cifar-ray-auth-"))
+    path = folder / "auth_token"
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(secrets.token_hex(32))
+    atexit.register(shutil.rmtree, folder, True)
+    os.environ.pop("RAY_AUTH_TOKEN", None)  # it would take precedence over the path
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(path))
+    # This process read its auth settings when Ray was imported: re-read them, as Ray's own
+    # ray._private.authentication.authentication_token_setup._enable_token_auth does.
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+    return path
+
+
 def _start_private(dashboard: bool, kwargs: dict[str, Any]) -> None:
     import ray
 
+    private_token()
     if not dashboard:
         ray.init(address="local", include_dashboard=False, **kwargs)
         return

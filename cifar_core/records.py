@@ -18,6 +18,7 @@ import datetime as _dt
 import hashlib
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
@@ -157,6 +158,54 @@ def make_record(cell: Cell, outcome: Outcome, data: dict | None = None,
         started=outcome.started)
 
 
+#: Kind of a record made from a plain ``cifar train`` run folder (not by Tune).
+TRAIN_KIND = "train"
+
+
+def record_from_train_run(folder: str, endpoint: str | None = None) -> TrialRecord:
+    """A TrialRecord for a ``cifar train`` run folder (see ``cifar_core.train``).
+
+    Wall time is the sum of the epochs' times (start-up and test evaluation excluded); the
+    resources are the whole machine that trained it (its CPUs and GPUs, from provenance).
+    """
+    def read_json(*parts: str) -> Any:
+        uri = storage.join_uri(folder, *parts)
+        return json.loads(storage.read_text(uri, endpoint)) if storage.exists(uri, endpoint) \
+            else None
+
+    try:
+        settings = Settings.from_dict(read_json(storage.SETTINGS_FILE))
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{folder}/settings.json: {error}") from error
+    history = [json.loads(line) for line in storage.read_text(
+        storage.join_uri(folder, storage.METRICS_FILE), endpoint).splitlines() if line.strip()]
+    best = storage.join_uri(folder, storage.CHECKPOINTS_DIR, storage.BEST)
+    last = (storage.CHECKPOINTS_DIR, storage.LAST)
+    # A run folder copied without its checkpoints (e.g. into results/) may keep state.json and
+    # provenance.json beside metrics.jsonl instead.
+    state = read_json(*last, storage.STATE_FILE) or read_json(storage.STATE_FILE) or {}
+    provenance = (read_json(storage.CHECKPOINTS_DIR, storage.BEST, storage.PROVENANCE_FILE)
+                  or read_json(*last, storage.PROVENANCE_FILE)
+                  or read_json(storage.PROVENANCE_FILE) or {})
+    evaluation = read_json(storage.EVALUATION_FILE)
+    machine = provenance.get("machine", {})
+    code = str(provenance.get("code_version") or provenance.get("git_commit", "unknown"))
+    cell = Cell(settings, settings_hash(settings, settings.data, code),
+                sweep=folder.rstrip("/").rsplit("/", 1)[-1], kind=TRAIN_KIND,
+                resources={"CPU": machine.get("cpus") or os.cpu_count() or 1,
+                           "GPU": len(machine.get("gpus") or []), "workers": 1})
+    # No finish time: a run folder records none, and a file's modification time would
+    # change with every copy or clone (the report must be reproducible byte for byte).
+    outcome = Outcome(COMPLETED if evaluation is not None else INCOMPLETE, history,
+                      state.get("stop_reasons", []), evaluation,
+                      checkpoint_uri=best if storage.exists(best, endpoint) else None,
+                      finished=None)
+    data = {"source": settings.data}
+    if evaluation is not None:
+        data["test"] = evaluation.get("test_images")
+    return make_record(cell, outcome, data, provenance)
+
+
 # ---------------------------------------------------------------------------- reading a sweep
 @dataclass(frozen=True)
 class CheckpointInfo:
@@ -211,6 +260,8 @@ def scan(sweep_uri: str, endpoint: str | None = None) -> SweepState:
                    and storage.parent_uri(storage.parent_uri(f)).endswith(
                        "/" + storage.TRIALS_DIR)]
     for uri, data in zip(record_uris, storage.read_many(record_uris, endpoint)):
+        if storage.unreachable(data):  # an outage is not a damaged record: nothing is rerun
+            raise storage.Unreachable(f"{sweep_uri}: {data}")
         try:
             if isinstance(data, BaseException):
                 raise data

@@ -30,7 +30,6 @@ import io
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -39,11 +38,11 @@ import numpy as np
 import pandas as pd
 
 from cifar_core import storage
+from cifar_core.provenance import digest_of
 from cifar_core.ladder import LADDER
-from cifar_core.records import (COMPLETED, INCOMPLETE, Cell, Outcome, TrialRecord, best_of,
-                                experiment_variant, make_record, select_best, settings_hash,
-                                validation_key)
-from cifar_core.settings import CLASS_NAMES, Settings
+from cifar_core.records import (TrialRecord, best_of, experiment_variant,
+                                record_from_train_run, select_best, validation_key)
+from cifar_core.settings import CLASS_NAMES
 
 # ---------------------------------------------------------------------------- prices
 #: On-demand prices of the node types the cluster uses, USD per hour, AWS EC2 Linux in
@@ -62,9 +61,6 @@ DEFAULT_CPU_HOUR_PRICE = NODE_PRICES["m5.2xlarge"]["usd_per_hour"] / 8
 #: whole g5.xlarge (1 GPU + 4 CPUs) for an hour costs exactly that node's hourly price.
 DEFAULT_GPU_HOUR_PRICE = (NODE_PRICES["g5.xlarge"]["usd_per_hour"]
                           - NODE_PRICES["g5.xlarge"]["cpus"] * DEFAULT_CPU_HOUR_PRICE)
-
-#: Kind of a record made from a plain ``cifar train`` run folder (not by Tune).
-TRAIN_KIND = "train"
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +86,9 @@ def load_records(runs: Sequence[str], endpoint: str | None = None) -> list[Trial
         trial_files = [f for f in files if f.rsplit("/", 1)[-1] == storage.RECORD_FILE]
         found = []
         for path, data in zip(trial_files, storage.read_many(trial_files, endpoint)):
+            if storage.unreachable(data):
+                raise ReportError(f"--runs {uri}: the store stopped answering ({data}); "
+                                  "re-run when it is back")
             try:
                 if isinstance(data, BaseException):
                     raise data
@@ -109,7 +108,10 @@ def load_records(runs: Sequence[str], endpoint: str | None = None) -> list[Trial
                    for root in sweep_roots):
                 continue
             if storage.join_uri(folder, storage.SETTINGS_FILE) in names:
-                found.append(record_from_train_run(folder, endpoint))
+                try:
+                    found.append(record_from_train_run(folder, endpoint))
+                except ValueError as error:
+                    raise ReportError(str(error)) from error
         if not found:
             raise ReportError(f"--runs {uri!r}: holds no {storage.RECORD_FILE} and no cifar "
                               "train run folder (settings.json + metrics.jsonl)")
@@ -118,50 +120,6 @@ def load_records(runs: Sequence[str], endpoint: str | None = None) -> list[Trial
     for record in records:  # the same trial reached through two --runs locations counts once
         unique.setdefault((record.sweep, record.trial_id), record)
     return list(unique.values())
-
-
-def record_from_train_run(folder: str, endpoint: str | None = None) -> TrialRecord:
-    """A TrialRecord for a ``cifar train`` run folder (see ``cifar_core.train``).
-
-    Wall time is the sum of the epochs' times (start-up and test evaluation excluded); the
-    resources are the whole machine that trained it (its CPUs and GPUs, from provenance).
-    """
-    def read_json(*parts: str) -> Any:
-        uri = storage.join_uri(folder, *parts)
-        return json.loads(storage.read_text(uri, endpoint)) if storage.exists(uri, endpoint) \
-            else None
-
-    try:
-        settings = Settings.from_dict(read_json(storage.SETTINGS_FILE))
-    except (ValueError, TypeError) as error:
-        raise ReportError(f"{folder}/settings.json: {error}") from error
-    history = [json.loads(line) for line in storage.read_text(
-        storage.join_uri(folder, storage.METRICS_FILE), endpoint).splitlines() if line.strip()]
-    best = storage.join_uri(folder, storage.CHECKPOINTS_DIR, storage.BEST)
-    last = (storage.CHECKPOINTS_DIR, storage.LAST)
-    # A run folder copied without its checkpoints (e.g. into results/) may keep state.json and
-    # provenance.json beside metrics.jsonl instead.
-    state = read_json(*last, storage.STATE_FILE) or read_json(storage.STATE_FILE) or {}
-    provenance = (read_json(storage.CHECKPOINTS_DIR, storage.BEST, storage.PROVENANCE_FILE)
-                  or read_json(*last, storage.PROVENANCE_FILE)
-                  or read_json(storage.PROVENANCE_FILE) or {})
-    evaluation = read_json(storage.EVALUATION_FILE)
-    machine = provenance.get("machine", {})
-    code = str(provenance.get("code_version") or provenance.get("git_commit", "unknown"))
-    cell = Cell(settings, settings_hash(settings, settings.data, code),
-                sweep=folder.rstrip("/").rsplit("/", 1)[-1], kind=TRAIN_KIND,
-                resources={"CPU": machine.get("cpus") or os.cpu_count() or 1,
-                           "GPU": len(machine.get("gpus") or []), "workers": 1})
-    # No finish time: a run folder records none, and a file's modification time would
-    # change with every copy or clone (the report must be reproducible byte for byte).
-    outcome = Outcome(COMPLETED if evaluation is not None else INCOMPLETE, history,
-                      state.get("stop_reasons", []), evaluation,
-                      checkpoint_uri=best if storage.exists(best, endpoint) else None,
-                      finished=None)
-    data = {"source": settings.data}
-    if evaluation is not None:
-        data["test"] = evaluation.get("test_images")
-    return make_record(cell, outcome, data, provenance)
 
 
 # ---------------------------------------------------------------------------- tables
@@ -357,7 +315,7 @@ def _output_mismatch(output: str, facts: dict, endpoint: str | None) -> str | No
         return "is missing"
     if storage.is_s3(output):
         return None  # its size is checked when read; hashing a large object is not worth it
-    digest = storage.digest_of(Path(output))
+    digest = digest_of(Path(output))
     if digest.sha256 != facts.get("sha256"):
         return (f"has SHA-256 {digest.sha256[:12]}..., not the summary's "
                 f"{str(facts.get('sha256'))[:12]}...")

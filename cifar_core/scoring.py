@@ -40,6 +40,7 @@ from cifar_core.listing import (DEFAULT_MAX_FILE_BYTES, ERROR, OK, ListingError,
                                 list_source, read_files)
 from cifar_core.settings import CLASS_NAMES
 from cifar_core import storage
+from cifar_core.provenance import digest_of
 from cifar_core.storage import is_s3, s3_endpoint, upload_file, write_text
 
 #: Files per listing block: the unit of work of the read/decode tasks.
@@ -244,7 +245,7 @@ class OutputWriter:
                 writer.close()
         written = {}
         for uri, path in zip(self.uris, self.temporary):
-            digest = storage.digest_of(path)
+            digest = digest_of(path)
             written[uri] = {"rows": self.rows, "bytes": digest.size, "sha256": digest.sha256}
             if is_s3(uri):
                 upload_file(path, uri, self.endpoint)
@@ -274,9 +275,10 @@ def spreadsheet_safe(frame):
     (OWASP's advice for CSV injection); Parquet output keeps the exact values."""
     frame = frame.copy()
     for column in frame.columns:
-        if frame[column].dtype == object:
+        values = frame[column].tolist()
+        if any(isinstance(v, str) for v in values):
             frame[column] = [("'" + v) if isinstance(v, str) and v.startswith(FORMULA_STARTS)
-                             else v for v in frame[column]]
+                             else v for v in values]
     return frame
 
 

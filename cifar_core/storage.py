@@ -1,8 +1,6 @@
-"""Storage: the layout of everything the jobs write, and every file and object-store call.
-
-URIs, layout names, atomic writes, the local cache and S3 (boto3 with bounded retries, and
-the pyarrow filesystem Ray writes with) live here, so no other module builds a client or a
-path of its own. A sweep (or fine-tune run), local or ``s3://`` alike:
+"""Storage: the layout of everything the jobs write, and every file and object-store call
+(URIs, layout names, atomic writes, the local cache, boto3 with bounded retries, the pyarrow
+filesystem Ray writes with). A sweep (or fine-tune run), local or ``s3://`` alike:
 
     <storage>/<name>/sweep.json                      what was asked for, with provenance
     <storage>/<name>/trials/<trial_id>/trial.json    the trial's record (records.py)
@@ -18,14 +16,12 @@ S3-compatible stores; credentials come only from the usual AWS sources.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import os
 import re
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -111,7 +107,7 @@ def s3_endpoint(endpoint: str | None = None) -> str | None:
 
 
 def check_endpoint(endpoint: str) -> str:
-    """An S3 endpoint must be an http(s)://host[:port] URL; say so before anything connects."""
+    """An S3 endpoint must be an http(s)://host[:port] URL: say so before anything connects."""
     parts = urlsplit(endpoint)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise StorageError(f"--s3-endpoint {endpoint!r} must be an http:// or https:// URL, "
@@ -146,6 +142,30 @@ def s3_errors() -> tuple[type[BaseException], ...]:
 def error_code(error: BaseException) -> str | None:
     """S3's error code of a failed call ("NoSuchKey", "PreconditionFailed", "404", ...)."""
     return getattr(error, "response", {}).get("Error", {}).get("Code")
+
+
+class Unreachable(StorageError):
+    """The store stopped answering (after boto3's retries): the job stops, nothing is lost."""
+
+    MARK = "the object store stopped answering"
+
+    def __init__(self, detail: str):
+        super().__init__(f"{self.MARK}: {detail}")
+
+
+def unreachable(error: object) -> bool:
+    """Is ``error`` (or what caused it, through Ray's wrapping too) the store being down,
+    rather than a problem with one object? (Connection refused or timed out, 5xx.)"""
+    from botocore.exceptions import ConnectionError as Refused, HTTPClientError
+
+    original = error
+    while isinstance(error, BaseException) and not (isinstance(
+            error, (Unreachable, Refused, HTTPClientError)) or error_code(error) in (
+            "500", "502", "503", "504", "InternalError", "ServiceUnavailable") or (
+            isinstance(error, OSError) and "NETWORK_CONNECTION" in str(error))):  # pyarrow's
+        error = error.__cause__ or error.__context__ or getattr(error, "cause", None)
+    # Ray hands a task's exception back as text (RayTaskError): the mark is what survives.
+    return isinstance(error, BaseException) or Unreachable.MARK in str(original)
 
 
 def pyarrow_filesystem(uri: str, endpoint: str | None = None):
@@ -235,8 +255,7 @@ def read_text(uri: str, endpoint: str | None = None) -> str:
 
 def write_bytes(uri: str, data: bytes, endpoint: str | None = None) -> None:
     if not is_s3(uri):
-        atomic_write_bytes(uri, data)
-        return
+        return atomic_write_bytes(uri, data)
     bucket, key = split_s3_object(uri)
     s3_client(endpoint).put_object(Bucket=bucket, Key=key, Body=data)  # visible when complete
 
@@ -262,42 +281,33 @@ def read_bytes(uri: str, endpoint: str | None = None, max_bytes: int | None = No
 
 
 def exists(uri: str, endpoint: str | None = None) -> bool:
-    import pyarrow.fs
-
     fs, path = filesystem(uri, endpoint)
-    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+    return fs.get_file_info(path).type.name != "NotFound"
 
 
 def list_files(uri: str, endpoint: str | None = None) -> list[str]:
-    """Every file below ``uri`` (recursive, one listing), as URIs of the same kind."""
-    import pyarrow.fs
-
-    fs, path = filesystem(uri, endpoint)
-    try:
-        infos = fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True))
-    except FileNotFoundError:
-        return []
-    found = sorted(i.path for i in infos if i.type == pyarrow.fs.FileType.File)
-    return ["s3://" + p for p in found] if is_s3(uri) else found
+    """Every file below ``uri`` (recursive, one listing), as URIs of the same kind, sorted."""
+    if is_s3(uri):
+        bucket = split_s3(uri)[0]
+        return sorted(f"s3://{bucket}/{o['Key']}" for o in iter_s3(uri, endpoint)
+                      if not o["Key"].endswith("/"))
+    return sorted(os.path.join(folder, name) for folder, _, names in os.walk(uri)
+                  for name in names)
 
 
 def find_files(uri: str, name: str, endpoint: str | None = None) -> list[str]:
-    """Every file called ``name`` anywhere below ``uri``."""
     return [f for f in list_files(uri, endpoint) if f.rsplit("/", 1)[-1] == name]
 
 
-def read_many(uris: list[str], endpoint: str | None = None, threads: int = 16
-              ) -> list[bytes | BaseException]:
-    """The bytes of each URI, read in parallel; a failed read is its exception, in its place."""
+def read_many(uris: list[str], endpoint: str | None = None) -> list[bytes | BaseException]:
+    """The bytes of each URI, 16 read at a time; a failed read is its exception, in place."""
     def read(uri: str) -> bytes | BaseException:
         try:
             return read_bytes(uri, endpoint)
         except Exception as error:
             return error
 
-    if len(uris) <= 1 or not any(is_s3(u) for u in uris):
-        return [read(u) for u in uris]
-    with ThreadPoolExecutor(threads) as pool:
+    with ThreadPoolExecutor(16 if any(is_s3(u) for u in uris) else 1) as pool:
         return list(pool.map(read, uris))
 
 
@@ -316,11 +326,10 @@ def iter_s3(uri: str, endpoint: str | None = None):
 
 def check_bucket(uri: str, endpoint: str | None = None) -> None:
     """``StorageError`` unless the bucket of ``uri`` exists and answers."""
-    bucket, _ = split_s3(uri)
     try:
-        s3_client(endpoint).head_bucket(Bucket=bucket)
+        s3_client(endpoint).head_bucket(Bucket=split_s3(uri)[0])
     except s3_errors() as error:
-        raise StorageError(f"bucket {bucket!r} is missing or not reachable ({error})") from None
+        raise StorageError(f"bucket of {uri} is missing or not reachable ({error})") from None
 
 
 def download_s3_prefix(uri: str, endpoint: str | None = None, workers: int = 16) -> Path:
@@ -340,8 +349,7 @@ def download_s3_prefix(uri: str, endpoint: str | None = None, workers: int = 16)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
 
     def fetch(obj: dict) -> None:
-        relative = obj["Key"][len(prefix):].lstrip("/") if prefix else obj["Key"]
-        local = (staging / relative).resolve()
+        local = (staging / obj["Key"][len(prefix):].lstrip("/")).resolve()
         if staging.resolve() not in local.parents:  # a key like "../x" must not escape
             raise StorageError(f"{uri}: object key {obj['Key']!r} escapes the prefix")
         local.parent.mkdir(parents=True, exist_ok=True)
@@ -374,8 +382,7 @@ def download_s3_file(uri: str, endpoint: str | None = None) -> Path:
 
 def upload_file(local: str | Path, uri: str, endpoint: str | None = None) -> None:
     """Copy one local file to an s3:// URI (visible only once the whole upload completes)."""
-    bucket, key = split_s3_object(uri)
-    s3_client(endpoint).upload_file(str(local), bucket, key)
+    s3_client(endpoint).upload_file(str(local), *split_s3_object(uri))
 
 
 def upload_tree(local: str | Path, uri: str, endpoint: str | None = None) -> None:
@@ -410,24 +417,7 @@ def download_tree(uri: str, local: str | Path, endpoint: str | None = None) -> P
 
 
 # ---------------------------------------------------------------------------- verified objects
-@dataclass(frozen=True)
-class Digest:
-    """Size and checksums of some bytes, for verified uploads."""
-    size: int
-    sha256: str   # hex
-    md5: str      # hex
-
-    @property
-    def sha256_base64(self) -> str:
-        return base64.b64encode(bytes.fromhex(self.sha256)).decode()
-
-
-def digest_of(source: Path | bytes) -> Digest:
-    data = source if isinstance(source, bytes) else Path(source).read_bytes()  # < 100 MB here
-    return Digest(len(data), hashlib.sha256(data).hexdigest(), hashlib.md5(data).hexdigest())
-
-
-MISSING = ("404", "NoSuchKey", "NotFound")
+MISSING = ("404", "NoSuchKey", "NotFound")  # S3's codes for "no such object"
 
 
 def head_object(client, bucket: str, key: str) -> dict | None:
@@ -440,7 +430,7 @@ def head_object(client, bucket: str, key: str) -> dict | None:
         raise
 
 
-def mismatch(head: dict, digest: Digest) -> str | None:
+def mismatch(head: dict, digest) -> str | None:
     """None if a stored object (its ``head_object``) matches ``digest``, else what differs."""
     if head.get("ContentLength") != digest.size:
         return f"size {head.get('ContentLength')} != {digest.size}"
@@ -461,7 +451,7 @@ def mismatch(head: dict, digest: Digest) -> str | None:
     return None
 
 
-def put_verified(client, bucket: str, key: str, source: Path | bytes, digest: Digest,
+def put_verified(client, bucket: str, key: str, source: Path | bytes, digest,
                  condition: dict | None = None) -> bool:
     """Upload unless an identical object is there, then verify it; True if it was sent. The
     body goes with its SHA-256 (S3 rejects a mismatch); ``condition`` (``{"IfMatch": etag}``,

@@ -25,7 +25,8 @@ to the actors through Ray's object store. ``--smoke-test``: first 200 files, bat
 
 Exit codes:
   0  done; at most --max-error-rate (default 0.01) of the files are error rows
-  1  unexpected failure (traceback); the previous OUT, if any, is left as it was
+  1  failed (the object store stopped answering, or an unexpected error with its traceback);
+     the previous OUT, if any, is left as it was
   2  nothing scored: bad arguments, missing or empty SRC, OUT inside SRC, model missing,
      unreadable or refused (needs code: models always load with safe_mode on)
   3  output written, but more than --max-error-rate of the files are error rows
@@ -42,7 +43,7 @@ from cifar_core.images import DEFAULT_MAX_PIXELS
 from cifar_core.listing import DEFAULT_MAX_FILE_BYTES
 from cifar_core.scoring import ScoreOptions, ScoringError, formats_for
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_ERROR_RATE = 0, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_ERROR_RATE = 0, 1, 2, 3
 SMOKE = {"limit": 200, "batch_size": 64}
 
 
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     from cifar_core.ray_glue import connect_ray
     from cifar_core.scoring import execute, plan_scoring
-    from cifar_core.storage import StorageError, check_endpoint
+    from cifar_core.storage import StorageError, check_endpoint, unreachable
 
     try:
         if args.s3_endpoint:
@@ -112,6 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     started = connect_ray(args.address)
     try:
         summary = execute(plan, log=lambda text: print(text, file=sys.stderr, flush=True))
+    except Exception as error:
+        if not unreachable(error):
+            raise
+        print(f"cifar score: error: the object store stopped answering "
+              f"({' '.join(str(error).split())[:300]}). Nothing was replaced: OUT and its "
+              "summary are as before. Run the same command again when the store is back.",
+              file=sys.stderr)
+        return EXIT_FAILED
     finally:
         if started:
             import ray

@@ -28,7 +28,7 @@ from cifar_core.data import DataError
 from cifar_core.ladder import LADDER, MODEL_IDS
 from cifar_core.plan import SweepError, SweepOptions, check_resources
 from cifar_core.settings import SettingsError, add_settings_arguments
-from cifar_core.storage import StorageError
+from cifar_core.storage import StorageError, unreachable
 from jobs import add_log_level, configure_logging
 
 DEFAULT_STORAGE = str(Path("results") / "runs")
@@ -127,7 +127,15 @@ def main(argv: list[str] | None = None) -> int:
         from cifar_core.sweep import run_sweep
 
         board = run_sweep(options, address=args.address)
-    except (SettingsError, SweepError, DataError, StorageError) as error:
+    except Exception as error:
+        if unreachable(error):
+            print(f"cifar tune: error: the sweep's storage stopped answering "
+                  f"({' '.join(str(error).split())[:300]}). Finished trials keep their "
+                  "records; run the same command with --resume when the store is back to "
+                  "continue the others from their checkpoints.", file=sys.stderr)
+            return 1
+        if not isinstance(error, (SettingsError, SweepError, DataError, StorageError)):
+            raise
         print(f"cifar tune: error: {error}", file=sys.stderr)
         return 2
     import pandas as pd

@@ -430,3 +430,37 @@ def test_bad_options_exit_2_before_ray(samples, trained_run, tmp_path, capsys, s
     code, _, err = score_main(capsys, samples, "--model", trained_run, *out, *argv)
     assert code == 2 and message in err, err
     assert ray.is_initialized() == ray_was_running and not (tmp_path / "o.csv").exists()
+
+
+@pytest.mark.slow
+def test_an_s3_outage_mid_job_fails_clearly_and_a_rerun_completes(ray_module, samples,
+                                                                  trained_run, tmp_path):
+    """The store stops answering after the job has listed SRC: the job fails saying so, OUT
+    is not written; the same job run again once the store is back scores every file."""
+    from moto.server import ThreadedMotoServer
+
+    from cifar_core import storage
+    from cifar_core.scoring import ScoreOptions, execute, plan_scoring
+    from tests.conftest import _free_port
+
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    storage.s3_client(endpoint).create_bucket(Bucket="photos")
+    storage.upload_tree(samples, "s3://photos/in", endpoint)
+    out = tmp_path / "scores.csv"
+    plan = plan_scoring("s3://photos/in", str(trained_run), str(out),
+                        ScoreOptions(endpoint=endpoint, progress_interval_s=0))
+    server.stop()  # the outage, after the listing
+    with pytest.raises(Exception) as raised:
+        execute(plan, log=lambda _: None)
+    assert storage.unreachable(raised.value), raised.value
+    assert not out.exists() and not (tmp_path / "scores.summary.json").exists()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()  # moto keeps its buckets in this process: the store is back as it was
+    try:
+        summary = execute(plan, log=lambda _: None)
+    finally:
+        server.stop()
+    assert summary.files == summary.ok == 50 and len(pd.read_csv(out)) == 50

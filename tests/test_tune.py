@@ -397,3 +397,61 @@ def test_a_damaged_record_is_named_and_its_trial_runs_again(tmp_path, image_fold
     err = capsys.readouterr().err
     assert f"damaged trial record {record}" in err and "runs again" in err
     assert TrialRecord.from_json(record.read_text()).status == "completed"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_a_storage_outage_mid_sweep_fails_clearly_and_resume_loses_nothing(tmp_path,
+                                                                           image_folder):
+    """The sweep's S3 store stops answering after the first trial's record is written: the
+    job stops (exit 1) saying so; with the store back, --resume runs only the other trial."""
+    from moto.server import ThreadedMotoServer
+
+    from cifar_core import storage
+    from tests.conftest import _free_port
+
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    storage.s3_client(endpoint).create_bucket(Bucket="sweeps")
+    grid = write_grid(tmp_path / "grid.json", {"M1": {"learning_rate": [0.01, 0.02]}})
+    command = [sys.executable, "-m", "jobs.tune", "--models", "M1", "--grid", grid,
+               "--data", str(image_folder), "--num-epochs", "2", "--batch-size", "16",
+               "--max-concurrent", "1", "--max-failures", "0", "--storage", "s3://sweeps/s",
+               "--name", "outage", "--s3-endpoint", endpoint]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    env.pop("AWS_ENDPOINT_URL", None)
+    driver = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    first = None
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and first is None:
+            records = storage.find_files("s3://sweeps/s/outage/trials", "trial.json", endpoint)
+            first = records[0] if records else None
+            time.sleep(0.5)
+        assert first, "no trial finished"
+        before = storage.s3_client(endpoint).head_object(
+            Bucket="sweeps", Key=storage.split_s3_object(first)[1])["ETag"]
+        server.stop()  # the outage
+        out, err = driver.communicate(timeout=900)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 1, err[-3000:]
+    assert "storage stopped answering" in err and "--resume" in err
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()  # the store is back (moto kept its objects in this process)
+    try:
+        done = subprocess.run(command + ["--resume"], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        records = [TrialRecord.from_json(storage.read_text(uri, endpoint)) for uri in
+                   storage.find_files("s3://sweeps/s/outage/trials", "trial.json", endpoint)]
+        assert len(records) == 2 and {r.status for r in records} == {"completed"}
+        after = storage.s3_client(endpoint).head_object(
+            Bucket="sweeps", Key=storage.split_s3_object(first)[1])["ETag"]
+        assert after == before  # the finished trial was not run again
+    finally:
+        server.stop()
