@@ -18,6 +18,7 @@ import os
 import platform
 import socket
 import subprocess
+import sys
 from importlib import metadata
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +71,7 @@ def library_versions() -> dict[str, str]:
 
 
 def machine() -> dict[str, object]:
-    """Host facts that explain a timing: CPU count and model, GPUs TensorFlow can see."""
+    """Host facts that explain a timing: CPU count and model, the GPUs."""
     cpu_model = platform.processor()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -79,15 +80,24 @@ def machine() -> dict[str, object]:
                 break
     except OSError:
         pass
-    gpus: list[str] = []
-    try:
+    return {"hostname": socket.gethostname(), "cpus": os.cpu_count(), "cpu_model": cpu_model,
+            "gpus": _gpus(), "platform": platform.platform()}
+
+
+def _gpus() -> list[str]:
+    """The GPUs TensorFlow sees where it is loaded already (trials, workers); elsewhere (a
+    driver) NVIDIA's own list: importing TensorFlow only to ask costs a driver ~2.5 s
+    (results/bench-tune-overhead.md)."""
+    if "tensorflow" in sys.modules:
         import tensorflow as tf
 
-        gpus = [gpu.name for gpu in tf.config.list_physical_devices("GPU")]
-    except ImportError:
-        pass
-    return {"hostname": socket.gethostname(), "cpus": os.cpu_count(), "cpu_model": cpu_model,
-            "gpus": gpus, "platform": platform.platform()}
+        return [gpu.name for gpu in tf.config.list_physical_devices("GPU")]
+    found = []
+    for info in sorted(Path("/proc/driver/nvidia/gpus").glob("*/information")):
+        model = next((line.split(":", 1)[1].strip() for line in info.read_text().splitlines()
+                      if line.startswith("Model:")), "NVIDIA GPU")
+        found.append(f"{model} ({info.parent.name})")
+    return found
 
 
 def provenance() -> dict[str, object]:
