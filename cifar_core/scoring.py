@@ -40,12 +40,15 @@ from cifar_core.listing import (DEFAULT_MAX_FILE_BYTES, ERROR, OK, ListingError,
                                 list_source, read_files)
 from cifar_core.settings import CLASS_NAMES
 from cifar_core import storage
-from cifar_core.provenance import digest_of
-from cifar_core.storage import is_s3, s3_endpoint, upload_file, write_text
+from cifar_core.score_outputs import OUTPUT_FORMATS, OutputError, OutputWriter, output_uris
+from cifar_core.storage import is_s3, s3_endpoint, write_text
 
-#: Files per listing block: the unit of work of the read/decode tasks.
+#: A read/decode task's block: at most this many files and this many bytes of them (a block
+#: of 256 files at the 64 MiB file cap would otherwise hold 16 GiB in one task).
 FILES_PER_TASK = 256
-OUTPUT_FORMATS = ("csv", "parquet")
+BLOCK_BYTES = 64 * 2**20
+#: Peak bytes a decode needs per pixel of the image (an RGBA PNG: 4 decoded, 3 as RGB).
+DECODE_BYTES_PER_PIXEL = 7
 
 #: Columns written, in order (``label`` only when labels are known).
 PREDICTION_COLUMNS = ["predicted_class", "confidence", "top2_class", "top2_confidence",
@@ -167,121 +170,6 @@ class Predictor:
         return output
 
 
-# ---------------------------------------------------------------------------- output
-def output_uris(out: str, formats: tuple[str, ...]) -> tuple[list[str], str]:
-    """(output file URIs, summary URI) for OUT: ``scores.csv`` -> scores.csv and
-    scores.summary.json; with both formats, ``scores.csv`` and ``scores.parquet``."""
-    stem = out
-    for fmt in OUTPUT_FORMATS:
-        if out.lower().endswith("." + fmt):
-            stem = out[: -len(fmt) - 1]
-    if not stem or stem.endswith("/"):
-        raise ScoringError(f"OUT {out!r} must name a file, e.g. scores.csv")
-    return [f"{stem}.{fmt}" for fmt in formats], f"{stem}.summary.json"
-
-
-def formats_for(out: str, requested: str | None) -> tuple[str, ...]:
-    """Formats from ``--format`` (csv, parquet, both) or else OUT's suffix."""
-    if requested == "both":
-        return OUTPUT_FORMATS
-    if requested:
-        return (requested,)
-    for fmt in OUTPUT_FORMATS:
-        if out.lower().endswith("." + fmt):
-            return (fmt,)
-    raise ScoringError(f"OUT {out!r} must end in .csv or .parquet (or pass --format)")
-
-
-class OutputWriter:
-    """Streams row batches into temporary files; ``commit`` replaces the outputs atomically.
-
-    A re-run into the same OUT therefore replaces the file (never appends), and a crash leaves
-    the previous output intact. s3:// outputs are uploaded in one piece at commit.
-    """
-
-    def __init__(self, uris: list[str], columns: list[str], endpoint: str | None = None):
-        import pyarrow as pa
-
-        self.uris, self.columns, self.endpoint = uris, columns, endpoint
-        self.schema = pa.schema([(name, pa.float64() if name.endswith("confidence")
-                                  else pa.string()) for name in columns])
-        self.temporary: list[Path] = []
-        for uri in uris:
-            folder = tempfile.gettempdir() if is_s3(uri) else os.path.dirname(
-                os.path.abspath(uri))
-            os.makedirs(folder, exist_ok=True)
-            handle, name = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(uri),
-                                            suffix=".partial")
-            os.close(handle)
-            self.temporary.append(Path(name))
-        self._csv = None
-        self._parquet = None
-        self.rows = 0
-
-    def write(self, frame) -> None:
-        import pyarrow as pa
-        import pyarrow.csv
-        import pyarrow.parquet
-
-        table = pa.Table.from_pandas(frame[self.columns], schema=self.schema,
-                                     preserve_index=False)
-        for uri, path in zip(self.uris, self.temporary):
-            if uri.endswith(".csv"):
-                if self._csv is None:
-                    self._csv = pyarrow.csv.CSVWriter(str(path), self.schema)
-                self._csv.write_table(pa.Table.from_pandas(
-                    spreadsheet_safe(frame[self.columns]), schema=self.schema,
-                    preserve_index=False))
-            else:
-                if self._parquet is None:
-                    self._parquet = pyarrow.parquet.ParquetWriter(str(path), self.schema)
-                self._parquet.write_table(table)
-        self.rows += len(frame)
-
-    def commit(self) -> dict[str, dict]:
-        """Put every output in place; their sizes and SHA-256, for the summary written next."""
-        for writer in (self._csv, self._parquet):
-            if writer is not None:
-                writer.close()
-        written = {}
-        for uri, path in zip(self.uris, self.temporary):
-            digest = digest_of(path)
-            written[uri] = {"rows": self.rows, "bytes": digest.size, "sha256": digest.sha256}
-            if is_s3(uri):
-                upload_file(path, uri, self.endpoint)
-                path.unlink()
-            else:
-                os.replace(path, uri)
-        self.temporary = []
-        return written
-
-    def abort(self) -> None:
-        for writer in (self._csv, self._parquet):
-            try:
-                if writer is not None:
-                    writer.close()
-            except Exception:
-                pass
-        for path in self.temporary:
-            path.unlink(missing_ok=True)
-
-
-#: Spreadsheets run a cell that starts with one of these as a formula (CSV injection).
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-
-
-def spreadsheet_safe(frame):
-    """The frame with every text cell that a spreadsheet would execute prefixed by ``'``
-    (OWASP's advice for CSV injection); Parquet output keeps the exact values."""
-    frame = frame.copy()
-    for column in frame.columns:
-        values = frame[column].tolist()
-        if any(isinstance(v, str) for v in values):
-            frame[column] = [("'" + v) if isinstance(v, str) and v.startswith(FORMULA_STARTS)
-                             else v for v in values]
-    return frame
-
-
 # ---------------------------------------------------------------------------- the job
 @dataclass
 class ScoreSummary:
@@ -324,6 +212,18 @@ def check_output(src: str, out: str) -> None:
         raise ScoringError(f"OUT {out!r} lies inside SRC {src!r}; write it elsewhere")
 
 
+def blocks(sizes: list[int]) -> list[tuple[int, int]]:
+    """(start, end) of consecutive blocks of files: <= FILES_PER_TASK files, and <= BLOCK_BYTES
+    of them unless one file alone is larger."""
+    found, start, held = [], 0, 0
+    for index, size in enumerate(sizes):
+        if index > start and (index - start >= FILES_PER_TASK or held + size > BLOCK_BYTES):
+            found.append((start, index))
+            start, held = index, 0
+        held += size
+    return found + [(start, len(sizes))] if sizes else found
+
+
 def run_pipeline(listing, checkpoint: Checkpoint, model_bytes: bytes, src: str,
                  writer: OutputWriter, options: ScoreOptions, log=print):
     """Run the Ray Data pipeline over ``listing``, streaming rows into ``writer``.
@@ -341,16 +241,20 @@ def run_pipeline(listing, checkpoint: Checkpoint, model_bytes: bytes, src: str,
     endpoint = s3_endpoint(options.endpoint)
     total = len(listing)
     table = pa.Table.from_pandas(listing, preserve_index=False)
-    dataset = ray.data.from_arrow(
-        [table.slice(offset, FILES_PER_TASK) for offset in range(0, total, FILES_PER_TASK)])
+    sizes = [s if s <= options.max_file_bytes else 0 for s in listing["size"].tolist()]
+    dataset = ray.data.from_arrow([table.slice(a, b - a) for a, b in blocks(sizes)])
     # Read and decode run as tasks (Ray fuses the two into one task per block); they reserve
     # decode_cpus each, which also keeps them out of the predictor actors (Ray fuses stages
-    # with equal resources), so decoding overlaps prediction and scales on its own.
+    # with equal resources), so decoding overlaps prediction and scales on its own. Each
+    # also reserves the memory it can need (its block's bytes and one image decoded at the
+    # pixel cap), so Ray runs no more of them at once than the node's memory holds.
+    memory = BLOCK_BYTES + DECODE_BYTES_PER_PIXEL * options.max_pixels
     dataset = dataset.map_batches(
         read_files, batch_format="numpy", batch_size=None, num_cpus=options.decode_cpus,
+        memory=memory,
         fn_kwargs=dict(root=src, max_file_bytes=options.max_file_bytes, endpoint=endpoint))
     dataset = dataset.map_batches(decode_rows, batch_format="numpy", batch_size=None,
-                                  num_cpus=options.decode_cpus,
+                                  num_cpus=options.decode_cpus, memory=memory,
                                   fn_kwargs=dict(max_pixels=options.max_pixels))
     dataset = dataset.map_batches(
         Predictor, batch_format="numpy", batch_size=options.batch_size,
@@ -417,7 +321,10 @@ def plan_scoring(src: str, model: str, out: str, options: ScoreOptions = ScoreOp
     """List SRC, resolve and safely load MODEL, check OUT. No Ray; raises ``ScoringError``
     (or ``StorageError``) for every whole-job problem, before any output is touched."""
     src = src.rstrip("/") if is_s3(src) else src
-    outputs, summary_uri = output_uris(out, options.formats)
+    try:
+        outputs, summary_uri = output_uris(out, options.formats)
+    except OutputError as error:
+        raise ScoringError(str(error)) from error
     check_output(src, out)
     if is_s3(out):
         try:  # a missing bucket would otherwise fail only after the whole pipeline

@@ -41,7 +41,8 @@ import sys
 import cifar_core  # noqa: F401  (selects tf_keras before TensorFlow loads)
 from cifar_core.images import DEFAULT_MAX_PIXELS
 from cifar_core.listing import DEFAULT_MAX_FILE_BYTES
-from cifar_core.scoring import ScoreOptions, ScoringError, formats_for
+from cifar_core.score_outputs import OutputError, formats_for
+from cifar_core.scoring import ScoreOptions, ScoringError
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_ERROR_RATE = 0, 1, 2, 3
 SMOKE = {"limit": 200, "batch_size": 64}
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             progress_interval_s=0 if args.quiet else 5.0, endpoint=args.s3_endpoint)
         # Everything that can be wrong with the whole job is found here, before Ray starts.
         plan = plan_scoring(args.src, args.model, args.out, options)
-    except (ScoringError, StorageError) as error:
+    except (ScoringError, OutputError, StorageError) as error:
         print(f"cifar score: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     started = connect_ray(args.address)

@@ -70,3 +70,18 @@ def equivalent_pairs() -> dict[str, bytes]:
         "palette.png": encode(palette),
         "palette_rgb.png": encode(palette.convert("RGB")),
     }
+
+
+def png16_zeros(width: int, height: int) -> bytes:
+    """A valid 16-bit grayscale PNG of zeros: ~100 kB on disk for 7,000 x 7,000 pixels, which
+    Pillow holds as 2 bytes a pixel (98 MB) once decoded."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    compressor = zlib.compressobj(9)
+    row = b"\0" * (1 + 2 * width)  # filter byte + two bytes a pixel
+    body = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body)
+            + chunk(b"IEND", b""))

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -362,7 +363,7 @@ def test_hostile_names_and_formats_become_rows_and_csv_cells_are_inert(
     assert len(formula) == 2
     # Paths start with "/", so the cells to neutralise here are error texts and the like; a
     # path that starts with a formula character (a relative SRC) is checked below.
-    from cifar_core.scoring import spreadsheet_safe
+    from cifar_core.score_outputs import spreadsheet_safe
 
     frame = spreadsheet_safe(pd.DataFrame({"path": ["=cmd|' /C calc'!A0", "+1", "-2", "@x",
                                                     "ok.png"], "confidence": [0.1] * 5}))
@@ -464,3 +465,66 @@ def test_an_s3_outage_mid_job_fails_clearly_and_a_rerun_completes(ray_module, sa
     finally:
         server.stop()
     assert summary.files == summary.ok == 50 and len(pd.read_csv(out)) == 50
+
+
+CGROUP_MEMORY = Path("/sys/fs/cgroup/memory")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_folder_of_huge_16_bit_images_scores_within_a_memory_limit(trained_run, tmp_path):
+    """Eight 49-MP 16-bit PNGs (95 kB each on disk, 98 MB each decoded) and eight small
+    images, scored by the real job inside a 2 GiB memory cgroup. Decoding them the float way
+    peaked at 1.26 GB an image and the job never finished there (281 OOM kills seen)."""
+    from tests.imaging import png16_zeros
+
+    group = CGROUP_MEMORY / f"cifar-fleet-test-{os.getpid()}"
+    try:
+        group.mkdir()
+    except OSError as error:
+        pytest.skip(f"no writable cgroup-v1 memory controller here ({error})")
+    limit = 2 * 2**30
+    try:
+        (group / "memory.limit_in_bytes").write_text(str(limit))
+        src = tmp_path / "src"
+        src.mkdir()
+        big = png16_zeros(7000, 7000)
+        for index in range(8):
+            (src / f"big{index}.png").write_bytes(big)
+            (src / f"small{index}.png").write_bytes(encode(sample_image()))
+        job = subprocess.Popen(
+            [sys.executable, "-m", "jobs.score", str(src), "--model", str(trained_run),
+             "--out", str(tmp_path / "o.csv"), "--quiet"], cwd=REPO,
+            env={**os.environ, "RAY_ADDRESS": ""}, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+            preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())))
+        try:
+            out, err = job.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            out, err = "", "timed out"
+        assert job.returncode == 0, err[-2000:]
+        assert "16 files, 16 ok, 0 errors" in out
+        assert "oom_kill 0" in (group / "memory.oom_control").read_text()
+        assert int((group / "memory.max_usage_in_bytes").read_text()) <= limit
+    finally:
+        for pid in (group / "cgroup.procs").read_text().split():  # only what this test ran
+            try:
+                os.kill(int(pid), 9)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 30
+        while (group / "cgroup.procs").read_text().split() and time.time() < deadline:
+            time.sleep(0.5)
+        group.rmdir()
+
+
+def test_read_blocks_bound_files_and_bytes():
+    from cifar_core.scoring import BLOCK_BYTES, FILES_PER_TASK, blocks
+
+    assert blocks([]) == []
+    assert blocks([1] * 600) == [(0, 256), (256, 512), (512, 600)]
+    huge = BLOCK_BYTES // 4 + 1
+    assert blocks([huge] * 10) == [(0, 3), (3, 6), (6, 9), (9, 10)]  # 3 * huge < 64 MiB
+    assert blocks([BLOCK_BYTES * 2, 1]) == [(0, 1), (1, 2)]           # one big file alone
+    for start, end in blocks([huge] * 1000):
+        assert end - start <= FILES_PER_TASK and (end - start) * huge <= max(BLOCK_BYTES, huge)
