@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import cifar_core  # noqa: F401  (selects tf_keras before TensorFlow loads)
 from cifar_core.data import DataError
@@ -44,6 +45,14 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, name) is None:
                 setattr(args, name, value)
     try:
+        if args.resume_from:
+            from cifar_core.storage import MODEL_FILE, STATE_FILE
+
+            missing = [n for n in (STATE_FILE, MODEL_FILE)
+                       if not (Path(args.resume_from) / n).is_file()]
+            if missing:
+                raise SettingsError(f"--resume-from {args.resume_from}: not a checkpoint folder "
+                                    f"(no {', '.join(missing)})")
         settings = settings_from_args(args)
         from cifar_core.data import load_cifar10
         from cifar_core.train import train

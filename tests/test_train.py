@@ -112,3 +112,12 @@ def test_cli_rejects_bad_settings_with_exit_code_2(tmp_path, image_folder):
          "--learning-rate", "-1", "--out", str(tmp_path)], capture_output=True, text=True,
         timeout=300)
     assert done.returncode == 2 and "learning_rate=-1.0" in done.stderr
+
+
+def test_cli_rejects_a_resume_from_that_is_not_a_checkpoint(tmp_path, image_folder):
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.train", "--model", "M1", "--data", str(image_folder),
+         "--resume-from", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "not a checkpoint folder" in done.stderr
+    assert not (tmp_path / "run").exists()
