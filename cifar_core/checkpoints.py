@@ -10,11 +10,12 @@ unsafe or broken checkpoint is a clear error, not an actor crash.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from cifar_core import storage
-from cifar_core.records import TrialRecord, select_best
+from cifar_core.records import TrialRecord, select_best, settings_hash
 from cifar_core.settings import CLASS_NAMES, Settings, SettingsError
 
 
@@ -33,18 +34,38 @@ class Checkpoint:
     record: TrialRecord | None = None
 
     def describe(self) -> dict:
+        """What is being used, for summaries and answers: the trial's record when MODEL held
+        one, else what the checkpoint folder itself says (its evaluation and provenance)."""
         record = self.record
+        if record is not None:
+            identity = {"trial_id": record.trial_id, "settings_hash": record.settings_hash,
+                        "val_accuracy": record.best_val_accuracy,
+                        "test_accuracy": record.test_accuracy,
+                        "git_commit": (record.provenance or {}).get("git_commit")}
+        else:
+            provenance = _json(self.local_dir / storage.PROVENANCE_FILE)
+            state = _json(self.local_dir / storage.STATE_FILE)
+            code = str(provenance.get("code_version") or provenance.get("git_commit", "?"))
+            digest = settings_hash(self.settings, self.settings.data, code)
+            identity = {"trial_id": f"{self.settings.model}-{digest}", "settings_hash": digest,
+                        "val_accuracy": state.get("best_val_accuracy"),
+                        "test_accuracy": _json(self.local_dir / storage.EVALUATION_FILE).get(
+                            "test_accuracy"), "git_commit": provenance.get("git_commit")}
         return {"checkpoint": self.uri, "model": self.settings.model,
                 "input_size": self.settings.input_size, "selected_trial": self.selected_trial,
-                "trial_id": record.trial_id if record else None,
-                "val_accuracy": record.best_val_accuracy if record else None,
-                "test_accuracy": record.test_accuracy if record else None,
-                "settings_hash": record.settings_hash if record else None,
-                "git_commit": (record.provenance or {}).get("git_commit") if record else None}
+                **identity}
 
     @property
     def model_file(self) -> Path:
         return self.local_dir / storage.MODEL_FILE
+
+
+def _json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def resolve_checkpoint(model: str, endpoint: str | None = None) -> Checkpoint:

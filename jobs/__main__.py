@@ -2,7 +2,7 @@
 
     cifar train --model M4 --data DIR --out results/runs/m4   # one local run, no Ray
     cifar tune --smoke-test                                    # the main job (Ray Tune)
-    cifar finetune | score | report | export-samples ...       # see each job's --help
+    cifar finetune | score | serve | report | export-samples   # see each job's --help
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ JOBS = {
     "finetune": "jobs.finetune",
     "score": "jobs.score",
     "report": "jobs.report",
+    "serve": "jobs.serve",
     "export-samples": "jobs.export_samples",
 }
 
