@@ -172,7 +172,7 @@ class Classifier:
         except RequestError as error:
             return JSONResponse({"error": str(error), "model": self.answer_model},
                                 status_code=error.status)
-        decoded = await asyncio.gather(*(asyncio.to_thread(self._decode, data)
+        decoded = await asyncio.gather(*(asyncio.to_thread(self._pixels, data)
                                          for _, data in named))
         scored = [i for i, item in enumerate(decoded) if not isinstance(item, ImageError)]
         if not scored:  # nothing to classify: the request itself is bad
@@ -184,7 +184,7 @@ class Classifier:
         return {"model": self.answer_model, "predictions": [
             answer(name, by_index.get(i), decoded[i]) for i, (name, _) in enumerate(named)]}
 
-    def _decode(self, data: bytes) -> np.ndarray | ImageError:
+    def _pixels(self, data: bytes) -> np.ndarray | ImageError:
         try:
             return decode_image(data, self.limits.max_pixels)
         except ImageError as error:
