@@ -207,7 +207,10 @@ def build(model: str, limits: ServeLimits = ServeLimits(), *, replicas: int = 1,
                          f"{gpus_per_replica} finite and >= 0")
     checkpoint = resolve_checkpoint(model, endpoint)
     model_bytes = check_model(checkpoint)
-    options: dict[str, Any] = {"num_replicas": replicas}
+    # Serve's default of 5 requests in flight per replica would keep a batch from ever
+    # filling: the proxy queues the rest and retries them with back-off.
+    options: dict[str, Any] = {"num_replicas": replicas,
+                               "max_ongoing_requests": max(64, 2 * max_batch_size)}
     if gpus_per_replica:
         options["ray_actor_options"] = {"num_cpus": 1, "num_gpus": gpus_per_replica}
     return Classifier.options(**options).bind(model_bytes, checkpoint.describe(), limits,
