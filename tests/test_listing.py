@@ -32,3 +32,15 @@ def test_listing_refuses_escaping_symlinks_and_special_files(tmp_path):
     assert kinds == {"a.png": "", "up.png": "symlink outside SRC",
                      "dir_link": "symlink outside SRC", "inside_link.png": "",
                      "pipe": "not a regular file"}
+
+
+def test_an_s3_src_with_hash_and_question_marks_lists_exactly_its_own_prefix(s3_bucket):
+    """'#' and '?' are ordinary key characters: "in#1" must not list "in" (urlparse would
+    have cut the prefix there and listed the neighbour's files)."""
+    from cifar_core import storage
+
+    for key in ("in#1/a.png", "in#1/b?.png", "in/other.png", "in#10/c.png"):
+        storage.write_bytes(f"s3://{s3_bucket}/{key}", encode(sample_image()))
+    listing = list_source(f"s3://{s3_bucket}/in#1")
+    assert list(listing["path"]) == [f"s3://{s3_bucket}/in#1/a.png",
+                                     f"s3://{s3_bucket}/in#1/b?.png"]

@@ -200,3 +200,16 @@ def test_the_page_shows_top3_bars_in_a_real_browser(served, two_images, tmp_path
         assert (tmp_path / "serve-page.png").stat().st_size > 1000
     finally:
         driver.quit()
+
+
+def test_ray_serve_s_own_tools_get_the_same_application(trained_run):
+    """``serve run cifar_core.serving:app_builder model=...`` builds what cifar serve runs."""
+    from ray.serve.deployment import Application
+
+    from cifar_core.checkpoints import CheckpointError
+    from cifar_core.serving import app_builder
+
+    assert isinstance(app_builder({"model": str(trained_run), "max_batch_size": "8"}),
+                      Application)
+    with pytest.raises(CheckpointError):
+        app_builder({"model": "/no/such/model"})
