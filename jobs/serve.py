@@ -9,7 +9,8 @@
 MODEL is anything ``cifar score --model`` takes (checkpoint, run folder, sweep, storage of
 sweeps; local or s3://), resolved by the same best-model rule. The page at ``/`` lets a person
 try it; ``POST /predict`` answers JSON (top-3 per image, the model's trial id and settings
-hash), ``GET /model`` says what is served, ``GET /healthz`` whether it is up. Requests are
+hash), ``GET /model`` says what is served, ``GET /healthz`` whether it is up; Ray Serve's own
+metrics (requests, latencies, batch sizes) are on Ray's metrics endpoint, printed at start. Requests are
 batched across clients (``--max-batch-size`` images, waiting at most ``--batch-wait-ms``).
 
 It listens on 127.0.0.1 unless ``--host`` says otherwise; on a cluster reach it the way the
@@ -83,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cifar serve: error: {error}", file=sys.stderr)
         return 2
     url = start(application, args.host, args.port, args.address)
-    print(f"cifar serve: {args.model} at {url}/ (POST {url}/predict); Ctrl-C stops",
-          flush=True)
+    print(f"cifar serve: {args.model} at {url}/ (POST {url}/predict); Ray Serve's metrics "
+          f"at {metrics_url()}; Ctrl-C stops", flush=True)
     try:
         if args.smoke_test:
             print(f"cifar serve: smoke test: {json.dumps(smoke_request(url))}", flush=True)
@@ -112,6 +113,15 @@ def start(application, host: str, port: int, address: str | None) -> str:
     serve.start(http_options={"host": host, "port": port})
     serve.run(application, name="cifar", route_prefix="/", blocking=False)
     return f"http://{host}:{port}"
+
+
+def metrics_url() -> str:
+    """Where Ray exports its metrics, Serve's among them (requests, latencies, batch sizes)
+    in Prometheus' text format: this node's metrics agent."""
+    import ray
+
+    node = next(n for n in ray.nodes() if n.get("Alive"))
+    return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
 
 
 def smoke_request(url: str) -> dict:

@@ -213,3 +213,25 @@ def test_ray_serve_s_own_tools_get_the_same_application(trained_run):
                       Application)
     with pytest.raises(CheckpointError):
         app_builder({"model": "/no/such/model"})
+
+
+@pytest.mark.slow
+def test_ray_serve_s_own_metrics_count_the_requests(served, two_images):
+    import time
+
+    from jobs.serve import metrics_url
+
+    for _ in range(3):
+        assert post(f"{served}/predict", (two_images / "cat_a.png").read_bytes(),
+                    "image/png")[0] == 200
+    deadline = time.time() + 90  # Ray exports metrics every few seconds
+    while time.time() < deadline:
+        with urllib.request.urlopen(metrics_url(), timeout=30) as response:
+            text = response.read().decode()
+        lines = [line for line in text.splitlines()
+                 if line.startswith("ray_serve_num_http_requests_total")
+                 and 'route="/predict"' in line and 'status_code="200"' in line]
+        if lines and sum(float(line.rsplit(" ", 1)[1]) for line in lines) >= 3:
+            return
+        time.sleep(3)
+    raise AssertionError("Serve's request counter for /predict did not appear")
