@@ -66,6 +66,7 @@ class SweepOptions:
     resume: bool = False
     s3_endpoint: str | None = None
     smoke_test: bool = False
+    verbose: bool = False                       # Ray's trial tables and workers' own output
 
     def __post_init__(self) -> None:
         storage.check_name(self.name, "--name")

@@ -40,8 +40,33 @@ def git_commit() -> str:
                                 "--untracked-files=no"],
                                capture_output=True, text=True, timeout=10, check=True)
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        # A working_dir shipped to a cluster (.rayignore) keeps .git/HEAD and its refs only:
+        # the commit it came from, though not whether it was dirty (code_version says exactly
+        # what ran).
+        return commit_from_files(REPO_ROOT / ".git") or "unknown"
     return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def commit_from_files(git_dir: Path) -> str | None:
+    """The commit ``HEAD`` names, read from the files alone (no git program, no objects)."""
+    try:
+        head = (git_dir / "HEAD").read_text().strip()
+    except OSError:
+        return None
+    if not head.startswith("ref: "):
+        return head or None  # a detached HEAD is the commit itself
+    ref = head[5:]
+    try:
+        return (git_dir / ref).read_text().strip()
+    except OSError:
+        pass
+    try:
+        for line in (git_dir / "packed-refs").read_text().splitlines():
+            if line.endswith(" " + ref):
+                return line.split(" ", 1)[0]
+    except OSError:
+        pass
+    return None
 
 
 #: The modules whose source decides what a trial computes (``code_version``).

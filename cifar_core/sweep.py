@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -87,7 +88,11 @@ def _run(todo: list[Cell], options: SweepOptions, data, address: str | None):
     from cifar_core.plan import SweepError
     from cifar_core.ray_glue import is_private, unfit
 
-    started = connect_ray(address, dashboard=any(cell.workers for cell in todo))
+    # The person's view by default: no trial processes' output, no Ray INFO lines (state
+    # saves, checkpoint notices).
+    started = connect_ray(address, dashboard=any(cell.workers for cell in todo),
+                          log_to_driver=options.verbose,
+                          logging_level=logging.INFO if options.verbose else logging.WARNING)
     if is_private(address):
         for cell in todo:
             problem = unfit({k: v for k, v in cell.resources.items() if k in ("CPU", "GPU")})
@@ -109,7 +114,7 @@ def _run(todo: list[Cell], options: SweepOptions, data, address: str | None):
     fs, path = storage.pyarrow_filesystem(options.storage, options.s3_endpoint)
     tuner = tune.Tuner(
         trainable,
-        param_space={"trial_id": tune.grid_search(trial_order(todo, options))},
+        param_space=param_space(todo, options),
         tune_config=tune.TuneConfig(
             metric="val_accuracy", mode="max", scheduler=scheduler,
             max_concurrent_trials=options.max_concurrent,
@@ -127,10 +132,95 @@ def _run(todo: list[Cell], options: SweepOptions, data, address: str | None):
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute="val_accuracy",
                 checkpoint_score_order="max"),
-            verbose=1))
-    results = tuner.fit()
+            callbacks=[] if options.verbose else [progress_callback(len(todo))],
+            verbose=1 if options.verbose else 0))
+    # Tune's legacy reporter prints nothing at verbose=0; the new one prints its experiment
+    # table whatever `verbose` says (ray/tune/experimental/output.py,
+    # TuneTerminalReporter.experiment_started). Tune reads the switch in fit().
+    earlier = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    if not options.verbose:
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        results = tuner.fit()
+    finally:
+        if earlier is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = earlier
     return record_unfinished(results, cells, getattr(scheduler, "stopped", set()),
                              options.storage)
+
+
+def progress_callback(total: int):
+    """Tune callback: the person's view of a sweep, one line per trial that ends (rewritten in
+    place on a terminal), instead of Tune's trial tables (``--verbose`` brings those back)."""
+    import sys
+
+    from ray.tune import Callback
+
+    class Progress(Callback):
+        def __init__(self):
+            self.ended, self.running, self.best = 0, set(), None
+            self.terminal = sys.stderr.isatty()
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.running.add(trial.trial_id)
+            self._show(f"started {trial.config['trial_id']}")
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            accuracy = result.get("val_accuracy")
+            if accuracy is not None and (self.best is None or accuracy > self.best[0]):
+                self.best = (accuracy, trial.config["trial_id"])
+            if self.terminal:
+                self._show(f"{trial.config['trial_id']} epoch {result.get('epoch')}")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._end(trial, "finished")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._end(trial, "failed")
+
+        def _end(self, trial, how: str) -> None:
+            self.ended += 1
+            self.running.discard(trial.trial_id)
+            self._show(f"{how} {trial.config['trial_id']}", final=not self.terminal)
+
+        def _show(self, event: str, final: bool = False) -> None:
+            best = f"; best val_accuracy {self.best[0]:.4f} ({self.best[1]})" if self.best else ""
+            line = (f"cifar tune: {self.ended}/{total} trials done, {len(self.running)} "
+                    f"running, {total - self.ended - len(self.running)} pending{best}: {event}")
+            if self.terminal:
+                print("\r" + line[:150].ljust(150), end="", file=sys.stderr, flush=True)
+            elif final:
+                print(line, file=sys.stderr, flush=True)
+
+        def on_experiment_end(self, trials, **info):
+            if self.terminal:
+                print(file=sys.stderr, flush=True)
+
+    return Progress()
+
+
+def param_space(cells: list[Cell], options: SweepOptions) -> dict:
+    """Tune's search space: the cell ids as a grid, and each cell's varied settings (fields
+    whose values differ between the cells, plus the model) resolved from its id, so Tune's
+    own loggers, ``ResultGrid.get_dataframe()`` and tracking callbacks see the real
+    hyperparameters. Only ``trial_id`` is read back: the cells themselves carry the truth."""
+    from functools import partial
+
+    from ray import tune
+
+    settings = [c.settings.to_dict() for c in cells]
+    varied = ["model"] + sorted(
+        name for name in settings[0] if name != "model"
+        and len({json.dumps(s[name], sort_keys=True) for s in settings}) > 1)
+    by_id = {c.trial_id: c.settings.to_dict() for c in cells}
+    return {"trial_id": tune.grid_search(trial_order(cells, options)),
+            **{name: tune.sample_from(partial(_cell_setting, by_id, name)) for name in varied}}
+
+
+def _cell_setting(by_id: dict[str, dict], name: str, config: dict) -> object:
+    return by_id[config["trial_id"]][name]
 
 
 # ---------------------------------------------------------------------------- the trial

@@ -21,8 +21,11 @@ class _Stderr(logging.StreamHandler):
         super().emit(record)
 
 
-def configure_logging(level: str = "INFO") -> None:
-    """The jobs' own lines (loggers under ``cifar_core``) to stderr, one plain line each."""
+def configure_logging(level: str = "INFO", quiet_ray: bool = False) -> None:
+    """The jobs' own lines (loggers under ``cifar_core``) to stderr, one plain line each;
+    ``quiet_ray``: Ray's own INFO lines (Tune's state saves, checkpoint notices) kept back."""
+    if quiet_ray:
+        logging.getLogger("ray").setLevel(logging.WARNING)
     handler = _Stderr()
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger = logging.getLogger("cifar_core")

@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--address", default=None, help="Ray cluster address (or RAY_ADDRESS).")
     job.add_argument("--smoke-test", action="store_true",
                      help="Every model, 300 images, 1 epoch, small inputs (ladder.py).")
+    job.add_argument("--verbose", action="store_true",
+                     help="Also Ray Tune's trial tables and the trials' own output.")
     add_log_level(job)
     settings = parser.add_argument_group("settings applied to every trial")
     add_settings_arguments(settings, skip=("model",))
@@ -111,12 +113,12 @@ def options_from_args(args: argparse.Namespace) -> SweepOptions:
         max_concurrent=args.max_concurrent, use_gpu=args.use_gpu,
         resources=parse_resources(args.resources), max_failures=args.max_failures,
         m7_workers=args.m7_workers, resume=args.resume, s3_endpoint=args.s3_endpoint,
-        smoke_test=args.smoke_test)
+        smoke_test=args.smoke_test, verbose=args.verbose)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, quiet_ray=not args.verbose)
     if args.smoke_test and args.grid == "default":
         args.grid = "seed"  # one trial per model
     try:

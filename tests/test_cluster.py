@@ -57,9 +57,6 @@ CLUSTER_PORTS = (6379, 8265, 10001)
 GPU_INSTANCES = {"g5.xlarge": 1, "g5.12xlarge": 4}
 #: The results location cluster/iam-policy.json is written for (README: replace the bucket).
 RESULTS_BUCKET, RESULTS_PREFIX = "cifar-fleet-results", "cifar-fleet"
-#: Kept out of the job's working_dir upload (besides .gitignore'd files): git history, CI's
-#: unpacked data and venv.
-WORKING_DIR_EXCLUDES = [".git", ".data", ".venv", "results/runs", "runs"]
 
 
 def load(path: Path) -> dict:
@@ -439,26 +436,29 @@ def get_json(url: str, headers: dict) -> dict:
 
 
 @pytest.mark.slow
-def test_rehearsal_tune_then_report_on_fake_gpu_cluster(s3_bucket, tmp_path):
+def test_rehearsal_tune_then_report_on_fake_gpu_cluster(s3_bucket, tmp_path, monkeypatch):
     """Submit the tune smoke sweep and the report to the fake-GPU cluster; results via S3."""
     import os
 
     from ray.job_submission import JobSubmissionClient
 
     from cifar_core import storage
-    from cifar_core.provenance import runtime_env_vars
+    from cifar_core.provenance import git_commit
     from cifar_core.records import TrialRecord
 
     root = f"s3://{s3_bucket}/{RESULTS_PREFIX}"
     data_uri, runs_uri = f"{root}/data/images", f"{root}/runs"
     storage.upload_tree(write_image_folder(tmp_path / "images"), data_uri)
-    # What a job needs on any node: the Keras switch and commit (runtime_env_vars), the S3
-    # endpoint, and, for moto only, dummy credentials (AWS nodes use their instance profile).
-    env_vars = {**runtime_env_vars(), "AWS_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"],
-                "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-    runtime_env = {"working_dir": str(REPO), "excludes": WORKING_DIR_EXCLUDES,
-                   "env_vars": env_vars}
+    # The README's runtime_env.yaml (working tree minus .rayignore's list; no commit passed:
+    # provenance must find it in the shipped .git/HEAD), plus, for moto only, the endpoint
+    # and dummy credentials (AWS nodes use their instance profile).
+    runtime_env = load(REPO / "runtime_env.yaml")
+    # docs/cluster.md's one export: .rayignore, not Ray's default list, decides about .git.
+    monkeypatch.setenv("RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES", ".venv,venv,__pycache__")
+    runtime_env["working_dir"] = str(REPO)
+    runtime_env["env_vars"].update({
+        "AWS_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"], "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_EC2_METADATA_DISABLED": "true"})
 
     rehearsal = local_cluster.start_local_cluster(LOCAL_YAML)
     try:
@@ -480,6 +480,7 @@ def test_rehearsal_tune_then_report_on_fake_gpu_cluster(s3_bucket, tmp_path):
         record = TrialRecord.from_json(storage.read_text(records[0]))
         assert record.status == "completed" and record.model == "M1"
         assert record.resources.get("GPU", 0) > 0, record.resources
+        assert record.provenance["git_commit"] == git_commit().removesuffix("-dirty")
 
         report_dir = tmp_path / "report"
         report = client.submit_job(
@@ -512,3 +513,38 @@ def test_rehearsal_state_is_private_and_fresh(tmp_path, monkeypatch):
     monkeypatch.setenv("CIFAR_FLEET_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("CIFAR_FLEET_REHEARSAL_DIR", raising=False)
     assert local_cluster.main(["stop"]) == 2  # no fixed /tmp folder to guess at
+
+
+def test_job_packaging_ships_the_code_and_the_commit_but_not_data_or_history(tmp_path):
+    """runtime_env.yaml + .rayignore: what `ray job submit --runtime-env runtime_env.yaml`
+    uploads, by Ray's own matcher; and the commit read back from the shipped files alone."""
+    import shutil
+
+    from ray._private.thirdparty.pathspec import PathSpec
+
+    from cifar_core import KERAS_ENV_VARS
+    from cifar_core.provenance import commit_from_files, git_commit
+
+    env = load(REPO / "runtime_env.yaml")
+    assert env["working_dir"] == "." and KERAS_ENV_VARS.items() <= env["env_vars"].items()
+    assert env["env_vars"]["AWS_DEFAULT_REGION"] == load(CLUSTER_YAML)["provider"]["region"]
+    spec = PathSpec.from_lines("gitwildmatch", (REPO / ".rayignore").read_text().splitlines())
+    for path in (".data/cifar10", ".venv/bin/python", "runs/x", "results/runs/x",
+                 ".git/objects", ".git/index", ".git/logs"):
+        assert spec.match_file(path), path
+    for path in ("cifar_core/train.py", "jobs/tune.py", "results/report.md", ".git/HEAD",
+                 ".git/refs", ".git/refs/heads/main", ".git/packed-refs"):
+        assert not spec.match_file(path), path
+    # A shipped copy: .git/HEAD and refs only (what .rayignore keeps), no git program needed.
+    git = REPO / ".git"
+    shipped = tmp_path / ".git"
+    shipped.mkdir()
+    shutil.copy(git / "HEAD", shipped / "HEAD")
+    if (git / "refs").is_dir():
+        shutil.copytree(git / "refs", shipped / "refs")
+    if (git / "packed-refs").exists():
+        shutil.copy(git / "packed-refs", shipped / "packed-refs")
+    assert commit_from_files(shipped) == git_commit().removesuffix("-dirty")
+    (shipped / "HEAD").write_text("0123abc\n")  # detached
+    assert commit_from_files(shipped) == "0123abc"
+    assert commit_from_files(tmp_path / "nothing") is None

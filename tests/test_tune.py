@@ -52,6 +52,13 @@ def test_resubmitting_runs_only_missing_cells(tmp_path, image_folder, ray_local)
     run_sweep(opts)
     first = {r.trial_id: r.finished for r in read_records(opts.sweep_uri)}
     assert len(first) == 2
+    # Tune's own view carries the varied settings (issue 18), keyed by the cell id.
+    from ray.tune import ExperimentAnalysis, ResultGrid
+    frame = ResultGrid(ExperimentAnalysis(opts.sweep_uri)).get_dataframe()
+    by_cell = dict(zip(frame["config/trial_id"], frame["config/learning_rate"]))
+    assert by_cell == {r.trial_id: r.settings["learning_rate"]
+                       for r in read_records(opts.sweep_uri)}
+    assert set(frame["config/model"]) == {"M1"}
     # Extend the grid: only the new cell runs; the finished ones keep their records.
     grid = write_grid(tmp_path / "grid.json", {"M1": {"learning_rate": [0.01, 0.05, 0.1]}})
     extended = options(tmp_path, grid=grid, overrides=opts.overrides)
@@ -108,6 +115,26 @@ def test_sweep_on_s3_storage_and_resubmit(tmp_path, image_folder, s3_bucket, ray
     # Re-submitting finds the finished cell in the bucket and runs nothing.
     board = run_sweep(opts)
     assert len(board) == 1 and read_records(opts.sweep_uri)[0].finished == record.finished
+
+
+def test_tune_shows_the_persons_view_and_ray_output_only_with_verbose(tmp_path, image_folder):
+    """Default output: progress lines, the leaderboard, where results went; no Tune tables,
+    Keras step lines, colour codes or Ray INFO lines (those come with --verbose)."""
+    command = [sys.executable, "-m", "jobs.tune", "--smoke-test", "--models", "M1,M2",
+               "--data", str(image_folder), "--storage", str(tmp_path), "--name", "quiet"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = (done.stdout + done.stderr).splitlines()
+    assert len(lines) <= 12, "\n".join(lines)
+    assert "\x1b[" not in done.stdout + done.stderr
+    assert sum("trials done" in line for line in lines) == 2  # one per ended trial (no TTY)
+    assert "2/2 trials done, 0 running, 0 pending" in done.stderr
+    assert f"results in {tmp_path}" in done.stdout
+    loud = subprocess.run(command + ["--name", "loud", "--verbose"], capture_output=True,
+                          text=True, timeout=300, cwd=REPO)
+    assert loud.returncode == 0, loud.stderr[-3000:]
+    assert "Configuration for experiment" in loud.stdout + loud.stderr
+    assert len((loud.stdout + loud.stderr).splitlines()) > len(lines)
 
 
 def test_invalid_grid_exits_2_naming_model_field_and_value(tmp_path, image_folder):
