@@ -9,6 +9,9 @@
         --validation-fraction 0.2 --batch-size 128 --epochs 16 --tag e16
                                                       # the issue's budget; target met (19%)
     python bench/tune_bench.py overhead --data DIR    # 24 short M1 trials
+    python bench/tune_bench.py optuna --model M1 --data DIR --limit 10000 \
+        --validation-fraction 0.2 --batch-size 128 --epochs 16 --samples 16
+                                                      # Optuna + ASHA vs the e16 grid's best
 
 DIR is the CIFAR-10 (JPEG) data, as ``cifar train --data`` takes it (default: the CIFAR10_DATA
 environment variable).
@@ -25,6 +28,11 @@ bench/asha_replay.py.
 overhead: 24 short trials (M1, 2,000 images, 2 epochs), 2 at a time on 2 cores. Sweep wall
 time (Tuner start to end, Ray already up, data preloaded) vs the ideal: sum of the trials' own
 wall times / 2 slots. Target <= 1.15x.
+
+optuna: Optuna (TPE, --search optuna) + ASHA over the same 48-configuration M1 space, --samples
+trials, for 3 search seeds, against the full grid's recorded best
+(results/bench-tune-asha-m1-e16-grid/). Target: within 0.5 points of the grid's best
+val_accuracy with <= 16 trials, and <= 10% of the grid's trial-epochs; mean and worst seed.
 
 All write results/bench-tune-*.{json,md} with provenance.
 """
@@ -137,6 +145,68 @@ def asha(args) -> None:
     print(table)
 
 
+def optuna(args) -> None:
+    from cifar_core.records import TrialRecord
+
+    model, grid = args.model, ASHA_GRIDS[args.model]
+    recorded = REPO / "results" / f"bench-tune-asha-{model.lower()}-e16-grid"
+    grid_records = [TrialRecord.from_json(p.read_text()) for p in recorded.glob("*/trial.json")]
+    best_grid = max(grid_records, key=lambda r: r.best_val_accuracy)
+    grid_epochs = sum(r.epochs_run for r in grid_records)
+    overrides = {"data": args.data, "limit": args.limit, "num_epochs": args.epochs,
+                 "batch_size": args.batch_size,
+                 "validation_fraction": args.validation_fraction}
+    data = load_cifar10(Settings.from_dict({"model": model, **overrides}))
+    storage = args.storage or tempfile.mkdtemp(prefix="bench-optuna-")
+    print(f"storage: {storage}", flush=True)
+    connect_ray()
+    runs = []
+    for seed in range(args.search_seeds):
+        wall, records = sweep(storage, f"{model.lower()}-optuna-{seed}", {model: grid}, data,
+                              overrides=overrides, scheduler="asha", max_concurrent=2,
+                              search="optuna", search_seed=seed, num_samples=args.samples,
+                              resume=True)
+        best = max(records, key=lambda r: r.best_val_accuracy or 0)
+        epochs = sum(r.epochs_run for r in records)
+        runs.append({"search_seed": seed, "trials": len(records), "trial_epochs": epochs,
+                     "epoch_share": round(epochs / grid_epochs, 3),
+                     "best_val_accuracy": best.best_val_accuracy,
+                     "gap_points": round((best_grid.best_val_accuracy
+                                          - best.best_val_accuracy) * 100, 2),
+                     "best_settings": {k: best.settings[k] for k in grid},
+                     "best_test_accuracy": best.test_accuracy, "wall_time_s": round(wall, 1)})
+    gaps, shares = [r["gap_points"] for r in runs], [r["epoch_share"] for r in runs]
+    verdict = {"mean_gap_points": round(statistics.mean(gaps), 2), "worst_gap_points": max(gaps),
+               "worst_epoch_share": max(shares),
+               "meets_target": max(gaps) <= 0.5 and max(shares) <= 0.10
+               and all(r["trials"] <= 16 for r in runs)}
+    table = "\n".join([
+        f"# Optuna (TPE) + ASHA vs the full grid: {model}, {len(grid_records)}-configuration "
+        f"space, {args.samples} trials per search, {args.limit:,} CIFAR-10 (JPEG) images "
+        f"({args.validation_fraction:.0%} validation), {args.epochs} epochs, batch "
+        f"{args.batch_size}", "",
+        f"Full grid (recorded in `{recorded.relative_to(REPO)}/`): best val_accuracy "
+        f"{best_grid.best_val_accuracy:.4f} (test {best_grid.test_accuracy:.4f}), "
+        f"{grid_epochs} trial-epochs.", "",
+        "| search seed | trials | trial-epochs (share of grid) | best val_accuracy | points "
+        "below grid | its test_accuracy | best settings | wall time (s) |",
+        "|---|---|---|---|---|---|---|---|",
+        *(f"| {r['search_seed']} | {r['trials']} | {r['trial_epochs']} ({r['epoch_share']:.0%})"
+          f" | {r['best_val_accuracy']:.4f} | {r['gap_points']:+.2f} | "
+          f"{r['best_test_accuracy']:.4f} | {r['best_settings']} | {r['wall_time_s']} |"
+          for r in runs), "",
+        f"Mean {verdict['mean_gap_points']:+.2f} points below the grid's best, worst "
+        f"{verdict['worst_gap_points']:+.2f}; worst share of the grid's trial-epochs "
+        f"{verdict['worst_epoch_share']:.0%} (target: <= 0.5 points with <= 16 trials and "
+        f"<= 10%): {'met' if verdict['meets_target'] else 'NOT met'}. ASHA grace 1, "
+        "reduction factor 4; 2 trials at a time, 1 CPU each."])
+    print(write_results(f"bench-tune-optuna-{model.lower()}",
+                        {"space": {model: grid}, "overrides": overrides, "runs": runs,
+                         "grid_best_val_accuracy": best_grid.best_val_accuracy,
+                         "grid_trial_epochs": grid_epochs, "verdict": verdict}, table))
+    print(table)
+
+
 def keep_grid(sweep_dir: Path, records, label: str) -> None:
     """Copy the grid's records and Tune's trial order under results/ for the offline replay."""
     out = REPO / "results" / f"bench-tune-asha-{label}-grid"
@@ -219,7 +289,7 @@ def idle_time(spans: list[tuple[float, float]], begin: float, end: float,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("which", choices=("asha", "overhead"))
+    parser.add_argument("which", choices=("asha", "overhead", "optuna"))
     parser.add_argument("--model", choices=sorted(ASHA_GRIDS), default="M4",
                         help="asha: whose benchmark grid to run.")
     add_data_argument(parser)
@@ -237,10 +307,12 @@ def main() -> None:
     parser.add_argument("--tag", help="asha: suffix for the result files, so a variant "
                         "(e.g. more epochs) does not overwrite the standard run's.")
     parser.add_argument("--repeats", type=int, default=3, help="overhead: sweeps to time.")
+    parser.add_argument("--samples", type=int, default=16, help="optuna: trials per search.")
+    parser.add_argument("--search-seeds", type=int, default=3, help="optuna: searches to run.")
     parser.add_argument("--grace-period", type=int, default=SweepOptions.grace_period)
     parser.add_argument("--reduction-factor", type=int, default=SweepOptions.reduction_factor)
     args = parser.parse_args()
-    {"asha": asha, "overhead": overhead}[args.which](args)
+    {"asha": asha, "overhead": overhead, "optuna": optuna}[args.which](args)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,11 @@ A grid is a plain dict keyed by settings fields, the same in ``ladder.py`` and i
   (high exclusive) or ``{"choice": [values]}``: a sampled range, drawn ``--num-samples``
   times per grid point from a seeded generator, so every cell is known (and hashed) up front.
 
+``--search`` says how the space is walked: ``grid`` (above), ``random`` (``--num-samples``
+points per model, every field drawn, a list as a choice; seeded by ``--search-seed``, so also
+known up front) or ``optuna`` (Optuna proposes ``--num-samples`` points per model while the
+sweep runs, from the results so far: ``search.py``).
+
 ``plan_cells`` turns the options into validated, hashed ``records.Cell`` values. No Ray, no
 TensorFlow: a bad option, grid or setting fails in milliseconds, before any cluster work.
 """
@@ -29,6 +34,8 @@ from cifar_core.records import Cell, settings_hash
 from cifar_core.settings import Settings, SettingsError
 
 SCHEDULERS = ("none", "asha")
+SEARCHES = ("grid", "random", "optuna")
+TRACKERS = ("none", "tensorboard", "mlflow")
 #: Sampled-range specs of a grid and how each draws a value.
 SAMPLERS = {
     "uniform": lambda rng, low, high: rng.uniform(low, high),
@@ -67,6 +74,10 @@ class SweepOptions:
     s3_endpoint: str | None = None
     smoke_test: bool = False
     verbose: bool = False                       # Ray's trial tables and workers' own output
+    search: str = "grid"                        # SEARCHES
+    search_seed: int = 0                        # random and optuna: the searcher's seed
+    tracking: str = "none"                      # TRACKERS (cifar_core/tracking.py)
+    mlflow_tracking_uri: str | None = None      # default: a local store in the sweep's storage
 
     def __post_init__(self) -> None:
         storage.check_name(self.name, "--name")
@@ -85,6 +96,15 @@ class SweepOptions:
             raise SweepError(f"--epochs-scale {self.epochs_scale} must be a finite number > 0")
         if self.scheduler not in SCHEDULERS:
             raise SweepError(f"--scheduler {self.scheduler!r} must be one of {SCHEDULERS}")
+        if self.search not in SEARCHES:
+            raise SweepError(f"--search {self.search!r} must be one of {SEARCHES}")
+        if self.search == "optuna" and self.seeds > 1:
+            raise SweepError(f"--seeds {self.seeds} with --search optuna: a searcher "
+                             "proposes single points; repeat a chosen point with --search grid")
+        if self.tracking not in TRACKERS:
+            raise SweepError(f"--tracking {self.tracking!r} must be one of {TRACKERS}")
+        if self.mlflow_tracking_uri is not None and self.tracking != "mlflow":
+            raise SweepError("--mlflow-tracking-uri needs --tracking mlflow")
         if self.reduction_factor < 2:
             raise SweepError(f"--reduction-factor {self.reduction_factor} must be >= 2")
         if self.max_concurrent is not None and self.max_concurrent < 1:
@@ -195,42 +215,66 @@ def draw(spec: dict, rng: random.Random) -> Any:
 
 # ---------------------------------------------------------------------------- cells
 def plan_cells(options: SweepOptions, code_version: str) -> list[Cell]:
-    """Every trial of the sweep, validated and hashed. Raises SettingsError naming the model,
-    the field and the value, or SweepError for a bad grid."""
-    rng = random.Random(0)
+    """Every trial of the sweep, validated and hashed (none for ``--search optuna``, whose
+    points come while it runs: ``search.py``). Raises SettingsError naming the model, the field
+    and the value, or SweepError for a bad grid."""
+    rng = random.Random(options.search_seed)
     cells: dict[str, Cell] = {}
-    endpoint = storage.s3_endpoint(options.s3_endpoint)
     for model in options.models:
-        base = {**options.overrides, "model": model}
-        if options.smoke_test:
-            base = {**smoke_settings(model), **base}
-        space = load_grid(options.grid, model)
-        for name, value in space.items():
-            check_spec(value, f"grid {model}.{name}")
-        for point in expand(space, options.num_samples, rng):
+        space = model_space(options, model)
+        if options.search == "optuna":
+            continue
+        points = (expand(space, options.num_samples, rng) if options.search == "grid"
+                  else [{k: draw_any(v, rng) for k, v in space.items()}
+                        for _ in range(options.num_samples)])
+        for point in points:
             for seed in range(options.seeds):
-                config = {**base, **point}
-                if options.seeds > 1 or "seed" not in config:
-                    config["seed"] = config.get("seed", 0) + seed
-                try:
-                    settings = _scale_epochs(Settings.from_dict(config), options.epochs_scale)
-                except SettingsError as error:
-                    raise SettingsError(f"model {model}: {error}") from error
-                workers = _workers(options, model)
-                if workers:  # each of the Train run's workers takes an equal share of a batch
-                    from cifar_core.multiworker import check_global_batch
-
-                    try:
-                        check_global_batch(settings, workers["num_workers"])
-                    except SettingsError as error:
-                        raise SweepError(f"--m7-workers {workers['num_workers']}: {error}"
-                                         ) from None
-                cell = Cell(settings, settings_hash(settings, settings.data, code_version),
-                            sweep=options.name, sweep_uri=options.sweep_uri,
-                            resources=options.trial_resources(model), s3_endpoint=endpoint,
-                            workers=workers)
+                cell = cell_for(options, model, point, code_version, seed)
                 cells.setdefault(cell.trial_id, cell)
     return list(cells.values())
+
+
+def model_space(options: SweepOptions, model: str) -> dict[str, Any]:
+    """One model's plain-dict space, checked."""
+    space = load_grid(options.grid, model)
+    for name, value in space.items():
+        check_spec(value, f"grid {model}.{name}")
+    return space
+
+
+def draw_any(spec: Any, rng: random.Random) -> Any:
+    """One random value of a spec: a list's element, a range's draw, a value itself."""
+    if isinstance(spec, list):
+        return rng.choice(spec)
+    return draw(spec, rng) if isinstance(spec, dict) else spec
+
+
+def cell_for(options: SweepOptions, model: str, point: dict[str, Any], code_version: str,
+             seed: int = 0) -> Cell:
+    """The validated, hashed cell of one point of ``model``'s space (``seed``: which of the
+    ``--seeds`` repeats)."""
+    config = {**options.overrides, "model": model}
+    if options.smoke_test:
+        config = {**smoke_settings(model), **config}
+    config.update(point)
+    if options.seeds > 1 or "seed" not in config:
+        config["seed"] = config.get("seed", 0) + seed
+    try:
+        settings = _scale_epochs(Settings.from_dict(config), options.epochs_scale)
+    except SettingsError as error:
+        raise SettingsError(f"model {model}: {error}") from error
+    workers = _workers(options, model)
+    if workers:  # each of the Train run's workers takes an equal share of a batch
+        from cifar_core.multiworker import check_global_batch
+
+        try:
+            check_global_batch(settings, workers["num_workers"])
+        except SettingsError as error:
+            raise SweepError(f"--m7-workers {workers['num_workers']}: {error}") from None
+    return Cell(settings, settings_hash(settings, settings.data, code_version),
+                sweep=options.name, sweep_uri=options.sweep_uri,
+                resources=options.trial_resources(model),
+                s3_endpoint=storage.s3_endpoint(options.s3_endpoint), workers=workers)
 
 
 def _workers(options: SweepOptions, model: str) -> dict | None:

@@ -6,8 +6,9 @@ or ``s3://``), plus ``cifar train`` run folders (``metrics.jsonl`` + ``settings.
 
     trials.parquet    one row per trial (all columns below, full precision)
     leaderboard.csv   one row per model family, best first
-    report.md         the tables for people and for the README
+    report.md         the tables for people and for the README, linking the figures
     report.html       self-contained page: the tables plus figures (PNG data URIs)
+    figure-*.png      each figure (report_figures.py), one parallel-coordinates plot per sweep
 
 Every choice the report makes (best trial, best configuration, Pareto front, the overall winner)
 uses validation accuracy (``best_val_accuracy``, a held-out part of the training set). The test
@@ -17,8 +18,9 @@ Costs: GPU-hours and CPU-hours are ``wall_time_s x resources held / 3600``; doll
 ``GPU-hours x gpu_hour_price + CPU-hours x cpu_hour_price`` (defaults in ``NODE_PRICES``).
 
 The best trial of each family and the overall winner come from ``records.best_of`` and
-``records.select_best``, the rule ``cifar score`` and ``cifar serve`` use too. Rendering
-(markdown, HTML, figures) is ``report_render.py``. This module needs pandas but neither
+``records.select_best``, the rule ``cifar score`` and ``cifar serve`` use too. What each sweep
+varied and which settings mattered is ``report_sweeps.py``; figures are ``report_figures.py``,
+markdown and HTML ``report_render.py``. This module needs pandas but neither
 TensorFlow nor Ray. The output is a pure function of the records and this code (no clock
 time), so re-running on the same records reproduces the same bytes, which keeps publishing
 idempotent.
@@ -42,6 +44,7 @@ from cifar_core.provenance import digest_of
 from cifar_core.ladder import LADDER
 from cifar_core.records import (TrialRecord, best_of, experiment_variant,
                                 record_from_train_run, select_best, validation_key)
+from cifar_core.report_sweeps import seed_changes
 from cifar_core.settings import CLASS_NAMES
 
 # ---------------------------------------------------------------------------- prices
@@ -123,17 +126,27 @@ def load_records(runs: Sequence[str], endpoint: str | None = None) -> list[Trial
 
 
 # ---------------------------------------------------------------------------- tables
+def family_of(record: TrialRecord) -> str:
+    """A trial's model family: its model, labelled with its variant if it is another
+    experiment than the seed's (``records.experiment_variant``), e.g. 'M7 [random-init ...]'."""
+    variant = experiment_variant(record.settings)
+    return f"{record.model} [{variant}]" if variant else record.model
+
+
 def varied_settings(records: Iterable[TrialRecord]) -> dict[str, list[str]]:
-    """Per model, the settings fields whose values differ across its trials (seed excluded)."""
-    by_model: dict[str, list[dict]] = {}
+    """Per family, the settings fields whose values differ across its trials (seed excluded).
+
+    Per family, not per model: a 48-trial subset sweep of M1 must not make the seed's own M1
+    run look as if it had varied the subset's settings."""
+    by_family: dict[str, list[dict]] = {}
     for record in records:
-        by_model.setdefault(record.model, []).append(record.settings)
+        by_family.setdefault(family_of(record), []).append(record.settings)
     varied = {}
-    for model, settings_list in by_model.items():
+    for family, settings_list in by_family.items():
         names = sorted(set().union(*settings_list) - {"seed", "model"})
-        varied[model] = [name for name in names
-                         if len({json.dumps(s.get(name), sort_keys=True)
-                                 for s in settings_list}) > 1]
+        varied[family] = [name for name in names
+                          if len({json.dumps(s.get(name), sort_keys=True)
+                                  for s in settings_list}) > 1]
     return varied
 
 
@@ -150,14 +163,17 @@ def trials_table(records: Sequence[TrialRecord], *,
         resources = record.resources or {}
         cpus, gpus = float(resources.get("CPU", 0) or 0), float(resources.get("GPU", 0) or 0)
         hours = (record.wall_time_s or 0.0) / 3600
-        names = varied[record.model]
-        variant = experiment_variant(record.settings)
+        family = family_of(record)
+        names = varied[family]
         rows.append({
             "trial_id": record.trial_id, "sweep": record.sweep, "kind": record.kind,
-            "model": record.model, "variant": variant,
-            "family": f"{record.model} [{variant}]" if variant else record.model,
+            "model": record.model, "variant": experiment_variant(record.settings),
+            "family": family,
             "varied": ", ".join(f"{n}={_short(record.settings.get(n))}" for n in names),
             "config": json.dumps({n: record.settings.get(n) for n in names}, sort_keys=True),
+            # What else differs from the seed, the same in every trial of the family.
+            "fixed_changes": ", ".join(f"{n}={_short(v)}" for n, v in seed_changes(
+                record.model, record.settings).items() if n not in names),
             "seed": record.settings.get("seed"),
             **{name: record.settings.get(name) for name in setting_columns},
             "best_val_accuracy": record.best_val_accuracy, "best_epoch": record.best_epoch,
@@ -196,7 +212,8 @@ def pareto_front(accuracy: pd.Series, cost: pd.Series) -> pd.Series:
 
 LEADERBOARD_COLUMNS = [
     "rank", "family", "model", "variant", "trials", "evaluated", "configs",
-    "seed_notebook_accuracy", "gpu_hours", "cpu_hours", "cost_usd", "best_trial", "best_settings", "best_val_accuracy",
+    "seed_notebook_accuracy", "gpu_hours", "cpu_hours", "cost_usd", "best_trial",
+    "best_settings", "fixed_changes", "best_val_accuracy",
     "test_accuracy", "difference_vs_seed", "seeds", "test_accuracy_mean", "test_accuracy_std",
     "best_epochs_run", "best_wall_time_s", "best_gpu_hours", "best_cost_usd", "checkpoint_uri"]
 
@@ -254,6 +271,7 @@ def _family_row(name: str, family: pd.DataFrame, selection) -> dict[str, Any]:
     best = family[family["trial_id"] == selection.record.trial_id].iloc[0]
     row.update({
         "best_trial": best["trial_id"], "best_settings": best["varied"],
+        "fixed_changes": best["fixed_changes"],
         "best_val_accuracy": best["best_val_accuracy"], "test_accuracy": best["test_accuracy"],
         "difference_vs_seed": math.nan if variant
         else best["test_accuracy"] - row["seed_notebook_accuracy"],
@@ -281,6 +299,7 @@ class ReportContext:
     trials: str = ""
     notes: list[str] = field(default_factory=list)
     scoring: list[dict] = field(default_factory=list)  # ``cifar score`` summaries
+    data_sources: list[str] = field(default_factory=list)  # ``data`` without split sizes
 
 
 SCORE_SUMMARY_KEYS = ("src", "model", "files", "ok", "errors", "images_per_s", "pipeline_s")
@@ -351,9 +370,10 @@ def describe_data(source: str | None, settings: dict | None = None) -> str:
 
 def report_context(records: Sequence[TrialRecord], gpu_hour_price: float,
                    cpu_hour_price: float, data_label: str | None = None) -> ReportContext:
-    data, hardware, commits = set(), set(), set()
+    data, sources, hardware, commits = set(), set(), set(), set()
     for record in records:
         source = (record.data or {}).get("source", record.settings.get("data"))
+        sources.add(data_label or describe_data(source))
         sizes = ", ".join(f"{split} {record.data[split]}" for split in ("train", "val", "test")
                           if (record.data or {}).get(split) is not None)
         data.add((data_label or describe_data(source, record.settings))
@@ -365,7 +385,8 @@ def report_context(records: Sequence[TrialRecord], gpu_hour_price: float,
                          + (f"{len(gpus)} GPU(s): {', '.join(gpus)}" if gpus else "no GPU"))
         commits.add(str((record.provenance or {}).get("git_commit", "unknown")))
     notes = []
-    if len(data) > 1:
+    # Subsets of one source differ in split sizes only, and are labelled as other experiments.
+    if len(sources) > 1:
         notes.append("These trials used different data (see Data): accuracies from different "
                      "data are not comparable.")
     uneven = []
@@ -385,7 +406,7 @@ def report_context(records: Sequence[TrialRecord], gpu_hour_price: float,
     trials = f"{len(records)} trial(s): " + ", ".join(f"{n} {s}" for s, n in statuses.items())
     return ReportContext(sorted(data), sorted(hardware) or ["unknown"], sorted(commits),
                          sorted({r.sweep for r in records}), gpu_hour_price, cpu_hour_price,
-                         trials, notes)
+                         trials, notes, data_sources=sorted(sources))
 
 
 def _short(value: Any) -> str:
@@ -402,6 +423,7 @@ class Report:
     leaderboard: pd.DataFrame
     context: ReportContext
     files: dict[str, Path]
+    sweeps: list = field(default_factory=list)  # report_sweeps.FamilySweep per swept family
 
     def best_records(self) -> dict[str, TrialRecord]:
         """Each family's best trial (the leaderboard's choice), by family."""
@@ -415,6 +437,7 @@ class Report:
         return selection.record if selection else None
 
 
+#: Written by every report; beside them one ``figure-<name>.png`` per figure (report_figures).
 OUTPUT_FILES = ("leaderboard.csv", "trials.parquet", "report.md", "report.html")
 
 
@@ -422,32 +445,40 @@ def build_report(records: Sequence[TrialRecord], out: str | Path, *,
                  gpu_hour_price: float = DEFAULT_GPU_HOUR_PRICE,
                  cpu_hour_price: float = DEFAULT_CPU_HOUR_PRICE,
                  data_label: str | None = None, scores: Sequence[dict] = ()) -> Report:
-    """Write leaderboard.csv, trials.parquet, report.md and report.html into ``out``.
+    """Write leaderboard.csv, trials.parquet, report.md, report.html and the figures' PNGs
+    (which report.md links and report.html embeds) into ``out``.
 
     ``scores``: ``cifar score`` summaries (``load_score_summaries``) for a scoring section."""
     for name, price in (("gpu_hour_price", gpu_hour_price), ("cpu_hour_price", cpu_hour_price)):
         if not (math.isfinite(price) and price >= 0):
             raise ReportError(f"{name}={price!r} must be a finite number >= 0")
+    from cifar_core import report_figures as draw
     from cifar_core import report_render as render
+    from cifar_core.report_sweeps import analyse_sweeps
 
     records = list(records)
     table = trials_table(records, gpu_hour_price=gpu_hour_price, cpu_hour_price=cpu_hour_price)
     board = leaderboard(records, table)
     context = report_context(records, gpu_hour_price, cpu_hour_price, data_label)
     context.scoring = list(scores)
-    report = Report(records, table, board, context, {})
-    contents = {
+    report = Report(records, table, board, context, {}, analyse_sweeps(table, board))
+    pictures = draw.figures(records, table, board, context, report.winner(), report.sweeps)
+    # Figures first: a page is never on disk before the pictures it links to.
+    contents = {draw.figure_file(name): png for name, png in pictures.items()}
+    contents.update({
         "leaderboard.csv": board.to_csv(index=False).encode(),
         "trials.parquet": _parquet_bytes(table),
-        "report.md": render.render_markdown(table, board, context).encode(),
-        "report.html": render.render_html(table, board, context,
-                                          render.figures(records, table, board, context,
-                                                         report.winner())).encode(),
-    }
+        "report.md": render.render_markdown(table, board, context, pictures,
+                                            report.sweeps).encode(),
+        "report.html": render.render_html(table, board, context, pictures,
+                                          report.sweeps).encode()})
     out = Path(out)
     for name, content in contents.items():
         storage.atomic_write_bytes(out / name, content)  # never a half-written file
         report.files[name] = out / name
+    for stale in out.glob(draw.figure_file("*")):  # a figure an earlier report drew, not this
+        if stale.name not in contents:
+            stale.unlink()
     return report
 
 

@@ -1,29 +1,173 @@
-"""Rendering the results report: markdown and a self-contained HTML page with figures.
+"""Rendering the results report: markdown and a self-contained HTML page, from one outline.
 
-Everything here turns the report's tables (``report.py``: trials table, leaderboard, context)
-into text and pictures, and nothing else: no records are read and no choice is made here.
-Figures use matplotlib's object-oriented API (no pyplot state, no GUI backend).
+Everything here turns the report's tables (``report.py``: trials table, leaderboard, context,
+``report_sweeps.FamilySweep``) and figures (``report_figures.py``) into text, and nothing else:
+no records are read and no choice is made here. ``report_blocks`` lays the report out once, as
+a list of blocks (heading, paragraph, table, figure, folded details); ``render_markdown`` and
+``render_html`` each write that list in their format, so the two never drift apart.
+
+The order is for a reader: the winner, one line of provenance (details folded away), the ladder
+against the seed notebook, then the other experiments (subsets, fewer epochs, other backbones)
+in their own table, then figures, what each sweep explored, cost, scoring and every trial.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import io
 import math
-import textwrap
 from typing import Any, Sequence
 
-import numpy as np
 import pandas as pd
 
-from cifar_core.records import SELECTION_RULE, TrialRecord
-from cifar_core.settings import CLASS_NAMES
+from cifar_core.records import SELECTION_RULE
+from cifar_core.report_figures import figure_file, parallel_name
+from cifar_core.report_sweeps import IMPORTANCE_METHOD, MIN_IMPORTANCE_TRIALS, FamilySweep
 
 SELECTION_NOTE = (
-    "Every choice in this report (best trial, best configuration, Pareto front, winner) uses "
-    "validation accuracy on a stratified hold-out of the training set; the test set was not "
-    "used for selection, only to evaluate each checkpoint after training ended.")
+    "Every choice in this report (best trial, best configuration, Pareto front, winner, "
+    "hyperparameter importance) uses validation accuracy on a stratified hold-out of the "
+    "training set; the test set was not used for selection, only to evaluate each checkpoint "
+    "after training ended.")
+SCORING_NOTE = ("Batch scoring with `cifar score` (Ray Data): images/s = files / pipeline wall "
+                "time, from listing the files to the last row written, actor start-up "
+                "included; accuracy from the labels of the files' class folders.")
+OTHER_EXPERIMENTS_NOTE = (
+    "Runs that are not the notebook's experiment (a `--limit` subset of the images, fewer "
+    "epochs, a random-init or proxy backbone, other input sizes): each family has its own row "
+    "and is never compared with the notebook's accuracy (not the seed's experiment). rank: "
+    "the order of the best-model rule over all families; a subset's val_accuracy is measured "
+    "on other, fewer held-out images, so subsets rank after the full-data families whatever "
+    "their accuracy.")
+
+
+# ---------------------------------------------------------------------------- cells
+def _fmt(value: Any, kind: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    if kind == "acc":
+        return f"{value:.4f}"
+    if kind == "diff":
+        return f"{value:+.4f}"
+    if kind == "hours":
+        return f"{value:.3g}"
+    if kind == "usd":
+        return f"${value:,.2f}" if value >= 1 else f"${value:.4f}"
+    if kind == "time":
+        return f"{value / 60:.1f} min" if value < 3600 else f"{value / 3600:.2f} h"
+    return str(value)
+
+
+def _settings_text(row) -> str:
+    """The best trial's varied settings, then what every trial of the family changed."""
+    if not isinstance(row.get("best_trial"), str):
+        return "—"
+    varied, fixed = row.get("best_settings") or "", row.get("fixed_changes") or ""
+    if not isinstance(fixed, str):  # a leaderboard.csv read back: empty cells are NaN
+        fixed = ""
+    text = "; ".join(part for part in (varied, f"every trial: {fixed}" if fixed else "")
+                     if part)
+    return text or "seed defaults"
+
+
+def _compute_text(row) -> str:
+    gpu = (f"{_fmt(row['gpu_hours'], 'hours')} GPU-h + " if row["gpu_hours"] > 0 else "")
+    return f"{gpu}{_fmt(row['cpu_hours'], 'hours')} CPU-h, {_fmt(row['cost_usd'], 'usd')}"
+
+
+def _spread(row) -> str:
+    mean, std, seeds = (row.get("test_accuracy_mean"), row.get("test_accuracy_std"),
+                        row.get("seeds"))
+    if isinstance(std, float) and math.isfinite(std):
+        return f"{mean:.4f} ± {std:.4f} (n={int(seeds)})"
+    return "one seed" if isinstance(row.get("best_trial"), str) else "—"
+
+
+# ---------------------------------------------------------------------------- tables
+def leaderboard_display(board: pd.DataFrame) -> pd.DataFrame:
+    """Every family in one table (what leaderboard.csv holds, for people)."""
+    rows = []
+    for _, row in board.iterrows():
+        rows.append({
+            "rank": row["rank"], "model": row["family"],
+            "test_accuracy": _fmt(row.get("test_accuracy"), "acc"),
+            "mean ± std over seeds": _spread(row),
+            "seed notebook": _fmt(row["seed_notebook_accuracy"], "acc") if not row["variant"]
+            else "— (not the seed's experiment)",
+            "difference": _fmt(row.get("difference_vs_seed"), "diff"),
+            "best val_accuracy": _fmt(row.get("best_val_accuracy"), "acc"),
+            "best settings": _settings_text(row),
+            "trials": f"{row['evaluated']}/{row['trials']} evaluated",
+            "best trial": row["best_trial"] if isinstance(row.get("best_trial"), str) else "—",
+            "GPU-h (all trials)": _fmt(row["gpu_hours"], "hours"),
+            "CPU-h (all trials)": _fmt(row["cpu_hours"], "hours"),
+            "cost (all trials)": _fmt(row["cost_usd"], "usd"),
+        })
+    return pd.DataFrame(rows)
+
+
+def ladder_display(board: pd.DataFrame) -> pd.DataFrame:
+    """The families that ran the seed notebook's experiment, beside the notebook's numbers."""
+    rows = []
+    for _, row in board[board["variant"] == ""].iterrows():
+        rows.append({
+            "rank": row["rank"], "model": row["model"],
+            "seed notebook": _fmt(row["seed_notebook_accuracy"], "acc"),
+            "test_accuracy": _fmt(row.get("test_accuracy"), "acc"),
+            "difference": _fmt(row.get("difference_vs_seed"), "diff"),
+            "mean ± std over seeds": _spread(row),
+            "best val_accuracy": _fmt(row.get("best_val_accuracy"), "acc"),
+            "settings": _settings_text(row),
+            "trials": f"{row['evaluated']}/{row['trials']} evaluated",
+            "best trial": row["best_trial"] if isinstance(row.get("best_trial"), str) else "—",
+            "compute (all trials)": _compute_text(row)})
+    return pd.DataFrame(rows)
+
+
+def other_experiments_display(board: pd.DataFrame) -> pd.DataFrame:
+    """The families that are another experiment than the notebook's, labelled as such."""
+    rows = []
+    for _, row in board[board["variant"] != ""].iterrows():
+        rows.append({
+            "rank": row["rank"], "model": row["model"], "experiment": row["variant"],
+            "test_accuracy": _fmt(row.get("test_accuracy"), "acc"),
+            "best val_accuracy": _fmt(row.get("best_val_accuracy"), "acc"),
+            "settings": _settings_text(row),
+            "trials": f"{row['evaluated']}/{row['trials']} evaluated",
+            "best trial": row["best_trial"] if isinstance(row.get("best_trial"), str) else "—",
+            "compute (all trials)": _compute_text(row)})
+    return pd.DataFrame(rows)
+
+
+def trials_display(table: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({
+        "model": table["model"], "experiment": table["variant"].replace("", "the notebook's"),
+        "trial": table["trial_id"], "kind": table["kind"],
+        "settings varied": table["varied"].replace("", "—"), "seed": table["seed"],
+        "best val_accuracy": [_fmt(v, "acc") for v in table["best_val_accuracy"]],
+        "test_accuracy": [_fmt(v, "acc") for v in table["test_accuracy"]],
+        "epochs": table["epochs_run"], "stop reason": table["stop_reason"],
+        "wall time": [_fmt(v, "time") for v in table["wall_time_s"]],
+        "GPU-h": [_fmt(v, "hours") for v in table["gpu_hours"]],
+        "CPU-h": [_fmt(v, "hours") for v in table["cpu_hours"]],
+        "cost": [_fmt(v, "usd") for v in table["cost_usd"]],
+        "Pareto": ["yes" if v else "" for v in table["pareto"]],
+    })
+
+
+def importance_display(sweep: FamilySweep) -> pd.DataFrame:
+    """A family's settings, most important first (``report_sweeps.add_importance``)."""
+    frame = sweep.importance
+    # Drops can exceed 1 (R² goes negative when a key setting is shuffled): shares read easier.
+    positive = frame["importance"].clip(lower=0)
+    shares = positive / positive.sum() if positive.sum() > 0 else positive
+    return pd.DataFrame({
+        "rank": range(1, len(frame) + 1), "setting": frame["setting"],
+        "share of importance": [f"{share:.0%}" for share in shares],
+        "drop in R² when shuffled": [f"{m:.3f} ± {s:.3f}" for m, s in
+                                     zip(frame["importance"], frame["importance_std"])],
+        "values tried": frame["values"], "best value": frame["best_value"],
+        "mean best val_accuracy per value": frame["mean_val_accuracy_per_value"]})
 
 
 def scoring_display(summaries: Sequence[dict]) -> pd.DataFrame:
@@ -45,230 +189,134 @@ def scoring_display(summaries: Sequence[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-SCORING_NOTE = ("Batch scoring with `cifar score` (Ray Data): images/s = files / pipeline wall "
-                "time, from listing the files to the last row written, actor start-up "
-                "included; accuracy from the labels of the files' class folders.")
+# ---------------------------------------------------------------------------- the outline
+def winner_text(board: pd.DataFrame) -> str | None:
+    ranked = board.dropna(subset=["test_accuracy"])
+    if ranked.empty:
+        return None
+    winner = ranked.iloc[0]
+    versus = (f"{_fmt(winner['difference_vs_seed'], 'diff')} vs the seed notebook's "
+              f"{_fmt(winner['seed_notebook_accuracy'], 'acc')}" if not winner["variant"]
+              else "not the seed's experiment, so not compared with it")
+    text = (f"**Winner: {winner['family']}** (trial {winner['best_trial']}): test accuracy "
+            f"{winner['test_accuracy']:.4f}, validation {winner['best_val_accuracy']:.4f}, "
+            f"{versus}; the trial took {_fmt(winner['best_wall_time_s'], 'time')} and "
+            f"{_fmt(winner['best_cost_usd'], 'usd')}.")
+    if len(ranked) > 1:
+        runner = ranked.iloc[1]
+        text += (f" Runner-up {runner['family']}: test accuracy {runner['test_accuracy']:.4f} "
+                 f"({winner['test_accuracy'] - runner['test_accuracy']:+.4f} for the winner).")
+    return text
 
 
-# ---------------------------------------------------------------------------- figures
-def figures(records: Sequence[TrialRecord], table: pd.DataFrame, board: pd.DataFrame,
-            context, winner: TrialRecord | None) -> dict[str, bytes]:
-    """Every figure of the HTML report, as PNG bytes by name."""
-    found = {"accuracy_vs_seed": figure_accuracy_vs_seed(board, "; ".join(context.data)),
-             "learning_curves": figure_learning_curves(records, table, board),
-             "accuracy_vs_cost": figure_accuracy_vs_cost(table)}
-    if winner is not None and winner.evaluation and winner.evaluation.get("confusion_matrix"):
-        found["confusion"] = figure_confusion(winner)
-    return found
+def headline(table: pd.DataFrame, board: pd.DataFrame, context) -> str:
+    """Data, hardware, seeds, trials and code in one line (the details are folded away)."""
+    seeds = int(pd.to_numeric(board["seeds"], errors="coerce").fillna(1).max() or 1)
+    commits = context.commits
+    winner = board.dropna(subset=["best_trial"])
+    commit = (table.loc[table["trial_id"] == winner.iloc[0]["best_trial"], "git_commit"]
+              .iloc[0] if not winner.empty else None) or (commits[0] if commits else "unknown")
+    short = str(commit)[:12] + ("-dirty" if str(commit).endswith("-dirty") else "")
+    code = (f"commit `{short}`" + (f" (the winner's; {len(commits)} commits in all)"
+                                   if len(commits) > 1 else ""))
+    return (f"**Data** {'; '.join(context.data_sources or context.data)} · **hardware** "
+            f"{'; '.join(context.hardware)} · "
+            + ("one seed per configuration" if seeds <= 1 else f"up to {seeds} seeds per "
+               "configuration")
+            + f" · {len(table)} trials in {len(context.sweeps)} runs · {code}")
 
 
-
-def _png(figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    return buffer.getvalue()
-
-
-def _figure(width: float, height: float):
-    # The object-oriented API needs no pyplot state or GUI backend: safe in jobs and threads.
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height))
-
-
-def figure_accuracy_vs_seed(board: pd.DataFrame, data_label: str) -> bytes:
-    width = max(7.0, 1.3 * len(board))  # room for labelled variants
-    figure = _figure(width, 4.2)
-    axis = figure.subplots()
-    board = board.sort_values("family")
-    x = np.arange(len(board))
-    ours = board["test_accuracy"].astype(float)
-    std = board["test_accuracy_std"].astype(float).fillna(0)
-    axis.bar(x - 0.2, ours, 0.4, yerr=std, capsize=3, label="this project (best config)",
-             color="#3b75af")
-    # A variant (another experiment) has no seed bar to stand beside.
-    seed = board["seed_notebook_accuracy"].where(board["variant"] == "")
-    axis.bar(x + 0.2, seed, 0.4, label="seed notebook",
-             color="#c8c8c8", edgecolor="#777777")
-    for xi, value in zip(x, ours):
-        if np.isfinite(value):
-            axis.text(xi - 0.2, value + 0.01, f"{value:.3f}", ha="center", fontsize=8)
-    axis.set_xticks(x, [textwrap.fill(name, 16) for name in board["family"]], fontsize=7)
-    axis.set_ylim(0, 1)
-    axis.set_ylabel("test accuracy")
-    axis.set_title(textwrap.fill(f"Test accuracy per model vs the seed notebook — {data_label}",
-                                 int(16 * width)), fontsize=8)
-    axis.legend(fontsize=8, loc="upper left")
-    return _png(figure)
+def detail_lines(context) -> list[str]:
+    lines = [f"**Data**: {'; '.join(context.data)}",
+             f"**Hardware**: {'; '.join(context.hardware)}",
+             f"**Code**: commit {', '.join(context.commits)}",
+             f"**Runs**: {', '.join(context.sweeps)}; {context.trials}",
+             f"**Selection**: {SELECTION_NOTE} The winner (the model `cifar score` and "
+             f"`cifar serve` pick from the same runs): {SELECTION_RULE}.",
+             f"**Cost**: GPU-hours × ${context.gpu_hour_price:.3f} + CPU-hours × "
+             f"${context.cpu_hour_price:.3f} (AWS us-east-1 on-demand: g5.xlarge less its "
+             "vCPUs, m5 per vCPU; see cifar_core/report.py NODE_PRICES). Hours = wall time × "
+             "resources each trial held."]
+    return lines + [f"**Note**: {note}" for note in context.notes]
 
 
-def figure_learning_curves(records: Sequence[TrialRecord], table: pd.DataFrame,
-                           board: pd.DataFrame) -> bytes:
-    """val_accuracy per epoch of each family's best trial; markers where trials were cut.
-
-    A family with no evaluated trial yet (all still running) shows its best trial so far."""
-    by_id = {r.trial_id: r for r in records}
-    chosen = dict(zip(board["family"], board["best_trial"]))
-    figure = _figure(7, 4)
-    axis = figure.subplots()
-    colors = {}
-    for name, family in table.groupby("family", sort=True):
-        best = chosen.get(name)
-        if not isinstance(best, str):
-            best = family.sort_values("best_val_accuracy", ascending=False).iloc[0]["trial_id"]
-        record = by_id[best]
-        epochs = [m["epoch"] for m in record.history if "val_accuracy" in m]
-        line, = axis.plot(epochs, [m["val_accuracy"] for m in record.history
-                                   if "val_accuracy" in m],
-                          marker="o", markersize=3, label=f"{name} val_accuracy")
-        colors[name] = line.get_color()
-        axis.plot(epochs, [m.get("accuracy", np.nan) for m in record.history
-                           if "val_accuracy" in m], linestyle=":", color=line.get_color(),
-                  linewidth=1)
-    cut = {"early_stopped": ("v", "early stopping"),
-           "stopped_by_scheduler": ("x", "cut by the scheduler")}
-    labelled = set()
-    family_of = dict(zip(table["trial_id"], table["family"]))
-    for record in records:
-        marker = cut.get(record.stop_reason)
-        values = [m["val_accuracy"] for m in record.history if "val_accuracy" in m]
-        family = family_of.get(record.trial_id)
-        if marker is None or not values or family not in colors:
-            continue
-        label = None if marker[1] in labelled else f"a trial stopped by {marker[1]}"
-        labelled.add(marker[1])
-        axis.scatter([record.epochs_run], [values[-1]], marker=marker[0], s=40,
-                     color=colors[family], label=label, zorder=3)
-    axis.set_xlabel("epoch")
-    axis.set_ylabel("accuracy (solid: validation, dotted: training)")
-    axis.set_title("Learning curves of each model's best trial", fontsize=9)
-    axis.grid(alpha=0.3)
-    if colors:
-        axis.legend(fontsize=7, loc="lower right")
-    return _png(figure)
-
-
-def figure_confusion(record: TrialRecord) -> bytes:
-    """Confusion matrix (row-normalised, counts written in) and per-class accuracy."""
-    evaluation = record.evaluation or {}
-    matrix = np.asarray(evaluation["confusion_matrix"], dtype=float)
-    names = evaluation.get("class_names", list(CLASS_NAMES))
-    totals = matrix.sum(axis=1, keepdims=True)
-    normalised = np.divide(matrix, totals, out=np.zeros_like(matrix), where=totals > 0)
-    figure = _figure(11, 4.6)
-    left, right = figure.subplots(1, 2, gridspec_kw={"width_ratios": [1.25, 1]})
-    image = left.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
-    for i in range(len(names)):
-        for j in range(len(names)):
-            left.text(j, i, f"{int(matrix[i, j])}", ha="center", va="center", fontsize=6,
-                      color="white" if normalised[i, j] > 0.5 else "black")
-    left.set_xticks(range(len(names)), names, rotation=60, fontsize=7)
-    left.set_yticks(range(len(names)), names, fontsize=7)
-    left.set_xlabel("predicted")
-    left.set_ylabel("true")
-    left.set_title(f"{record.model} {record.trial_id}: confusion matrix (test set)", fontsize=9)
-    figure.colorbar(image, ax=left, fraction=0.046)
-    per_class = np.diag(normalised)
-    right.barh(range(len(names)), per_class, color="#3b75af")
-    for i, value in enumerate(per_class):
-        right.text(value + 0.01, i, f"{value:.2f}", va="center", fontsize=7)
-    right.set_yticks(range(len(names)), names, fontsize=7)
-    right.invert_yaxis()
-    right.set_xlim(0, 1.1)
-    right.set_xlabel("per-class accuracy (recall)")
-    right.set_title("Per-class accuracy", fontsize=9)
-    return _png(figure)
+def report_blocks(table: pd.DataFrame, board: pd.DataFrame, context,
+                  sweeps: Sequence[FamilySweep] = ()) -> list[tuple]:
+    """The report as blocks: ("h1"|"h2"|"h3"|"p"|"note", text), ("list", lines),
+    ("table", frame, id), ("figure", name, alt), ("details", summary, blocks)."""
+    data = "; ".join(context.data_sources or context.data)
+    winner = winner_text(board)
+    ladder, others = ladder_display(board), other_experiments_display(board)
+    front = table[table["pareto"]].sort_values("cost_usd")
+    blocks: list[tuple] = [("h1", "cifar-fleet results"), *([("p", winner)] if winner else []),
+                           ("p", headline(table, board, context)),
+                           ("details", "Where the numbers come from: data, hardware, code, "
+                            "selection rule, prices", [("list", detail_lines(context))]),
+                           ("h2", "The ladder against the seed notebook")]
+    blocks += [("note", "The models run as the notebook ran them (all the data, its settings "
+                "and epochs). test_accuracy: the family's best configuration's best trial, "
+                "both chosen by validation accuracy; mean ± std over that configuration's "
+                "seeds; difference: test_accuracy minus the notebook's; rank: the order of the "
+                "best-model rule over all families (details above)."),
+               ("table", ladder, "leaderboard") if not ladder.empty
+               else ("p", "No run of the notebook's own experiment among these runs."),
+               ("figure", "accuracy_vs_seed", f"Test accuracy per family vs the seed notebook "
+                f"({data})")]
+    if not others.empty:
+        blocks += [("h2", f"Other experiments ({len(others)})"),
+                   ("note", OTHER_EXPERIMENTS_NOTE),
+                   ("table", others, "other-experiments")]
+    blocks += [("h2", "Learning curves of each family's best trial"),
+               ("figure", "learning_curves", f"Learning curves ({data})"),
+               *sweep_blocks(sweeps, data),
+               ("h2", "Best model: confusion matrix and per-class accuracy"),
+               ("figure", "confusion", f"Confusion matrix of the best model ({data}, test set)"),
+               ("h2", "Accuracy vs compute"),
+               ("figure", "accuracy_vs_cost", f"Accuracy vs GPU-hours and cost ({data})"),
+               ("h3", "Trials no other trial beats on both accuracy and cost"),
+               ("table", trials_display(front), "pareto")]
+    if context.scoring:
+        blocks += [("h2", "Batch scoring"),
+                   ("table", scoring_display(context.scoring), "scoring"),
+                   ("note", SCORING_NOTE)]
+    blocks += [("h2", f"All trials ({len(table)})"),
+               ("details", f"Show all {len(table)} trials",
+                [("table", trials_display(table), "trials")]),
+               ("note", f"Data: {data}. Hardware: {'; '.join(context.hardware)}. Commit: "
+                f"{', '.join(context.commits)}. Full-precision columns are in trials.parquet "
+                "and leaderboard.csv.")]
+    return blocks
 
 
-def figure_accuracy_vs_cost(table: pd.DataFrame) -> bytes:
-    """Validation accuracy against GPU-hours (CPU-hours when no trial held a GPU) and dollars,
-    with the Pareto front (no trial both more accurate and cheaper) highlighted."""
-    use_gpu = bool((table["gpu_hours"] > 0).any())
-    hours = "gpu_hours" if use_gpu else "cpu_hours"
-    figure = _figure(11, 4)
-    axes = figure.subplots(1, 2)
-    for axis, column, label in ((axes[0], hours, hours.replace("_", "-").replace("gpu", "GPU")
-                                 .replace("cpu", "CPU")),
-                                (axes[1], "cost_usd", "cost (USD)")):
-        for model, group in table.groupby("model"):
-            axis.scatter(group[column], group["best_val_accuracy"], s=18, alpha=0.7,
-                         label=model)
-        front = table[table["pareto"]].sort_values("cost_usd")
-        if column == "cost_usd":  # the front is a staircase in the dollars it is defined on
-            axis.plot(front[column], front["best_val_accuracy"], color="black", linewidth=1,
-                      drawstyle="steps-post")
-        axis.scatter(front[column], front["best_val_accuracy"], s=60, facecolors="none",
-                     edgecolors="black", label="Pareto front")
-        axis.set_xlabel(label + ("" if use_gpu or column == "cost_usd" else
-                                 " (no trial held a GPU)"))
-        axis.set_ylabel("best val_accuracy")
-        axis.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc="lower right")
-    figure.suptitle("Accuracy vs compute; circled: trials no other trial beats on both",
-                    fontsize=9)
-    return _png(figure)
-
-
-# ---------------------------------------------------------------------------- rendering
-def _fmt(value: Any, kind: str) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "—"
-    if kind == "acc":
-        return f"{value:.4f}"
-    if kind == "diff":
-        return f"{value:+.4f}"
-    if kind == "hours":
-        return f"{value:.3g}"
-    if kind == "usd":
-        return f"${value:,.2f}" if value >= 1 else f"${value:.4f}"
-    if kind == "time":
-        return f"{value / 60:.1f} min" if value < 3600 else f"{value / 3600:.2f} h"
-    return str(value)
-
-
-def leaderboard_display(board: pd.DataFrame) -> pd.DataFrame:
-    rows = []
-    for _, row in board.iterrows():
-        mean, std, seeds = (row.get("test_accuracy_mean"), row.get("test_accuracy_std"),
-                            row.get("seeds"))
-        if isinstance(std, float) and math.isfinite(std):
-            spread = f"{mean:.4f} ± {std:.4f} (n={int(seeds)})"
+def sweep_blocks(sweeps: Sequence[FamilySweep], data: str) -> list[tuple]:
+    """What each family's sweep varied: its importance table and parallel coordinates."""
+    if not sweeps:
+        return []
+    blocks: list[tuple] = [
+        ("h2", "What the sweeps explored"),
+        ("note", "Per model family with trials that differ in their settings: one line per "
+         "trial through each varied setting to its best val_accuracy (parallel coordinates), "
+         f"and, from {MIN_IMPORTANCE_TRIALS} trials on, which settings mattered. Importance "
+         f"is {IMPORTANCE_METHOD}")]
+    for sweep in sweeps:
+        blocks.append(("h3", f"{sweep.family}: {len(sweep.trial_ids)} trials, "
+                             f"{len(sweep.axes)} varied setting(s)"))
+        if sweep.importance is not None:
+            blocks += [("note", f"Hyperparameter importance over {len(sweep.trial_ids)} "
+                        f"trials (forest out-of-bag R² {sweep.fit_r2:.2f}):"),
+                       ("table", importance_display(sweep),
+                        "importance-" + parallel_name(sweep.family).removeprefix("parallel-"))]
         else:
-            spread = "one seed" if isinstance(row.get("best_trial"), str) else "—"
-        rows.append({
-            "rank": row["rank"], "model": row["family"],
-            "test_accuracy": _fmt(row.get("test_accuracy"), "acc"),
-            "mean ± std over seeds": spread,
-            "seed notebook": _fmt(row["seed_notebook_accuracy"], "acc") if not row["variant"]
-            else "— (not the seed's experiment)",
-            "difference": _fmt(row.get("difference_vs_seed"), "diff"),
-            "best val_accuracy": _fmt(row.get("best_val_accuracy"), "acc"),
-            "best settings": (row["best_settings"] or "seed defaults")
-            if isinstance(row.get("best_trial"), str) else "—",
-            "trials": f"{row['evaluated']}/{row['trials']} evaluated",
-            "best trial": row["best_trial"] if isinstance(row.get("best_trial"), str) else "—",
-            "GPU-h (all trials)": _fmt(row["gpu_hours"], "hours"),
-            "CPU-h (all trials)": _fmt(row["cpu_hours"], "hours"),
-            "cost (all trials)": _fmt(row["cost_usd"], "usd"),
-        })
-    return pd.DataFrame(rows)
+            reason = "; ".join(sweep.notes) or (
+                f"an importance table needs {MIN_IMPORTANCE_TRIALS} finished trials")
+            blocks.append(("note", f"No importance table: {reason}."))
+        blocks.append(("figure", parallel_name(sweep.family),
+                       f"Parallel coordinates of {sweep.family}'s settings, coloured by best "
+                       f"val_accuracy ({data})"))
+    return blocks
 
 
-def trials_display(table: pd.DataFrame) -> pd.DataFrame:
-    return pd.DataFrame({
-        "model": table["family"], "trial": table["trial_id"], "kind": table["kind"],
-        "settings varied": table["varied"].replace("", "—"), "seed": table["seed"],
-        "best val_accuracy": [_fmt(v, "acc") for v in table["best_val_accuracy"]],
-        "test_accuracy": [_fmt(v, "acc") for v in table["test_accuracy"]],
-        "epochs": table["epochs_run"], "stop reason": table["stop_reason"],
-        "wall time": [_fmt(v, "time") for v in table["wall_time_s"]],
-        "GPU-h": [_fmt(v, "hours") for v in table["gpu_hours"]],
-        "CPU-h": [_fmt(v, "hours") for v in table["cpu_hours"]],
-        "cost": [_fmt(v, "usd") for v in table["cost_usd"]],
-        "Pareto": ["yes" if v else "" for v in table["pareto"]],
-    })
-
-
+# ---------------------------------------------------------------------------- writers
 def markdown_table(frame: pd.DataFrame) -> str:
     """A GitHub-flavoured markdown table (pandas' to_markdown needs an extra package)."""
     def cell(value: Any) -> str:
@@ -281,120 +329,100 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def summary_lines(board: pd.DataFrame, context) -> list[str]:
-    lines = [f"- **Data**: {'; '.join(context.data)}",
-             f"- **Hardware**: {'; '.join(context.hardware)}",
-             f"- **Code**: commit {', '.join(context.commits)}",
-             f"- **Runs**: {', '.join(context.sweeps)}; {context.trials}",
-             f"- **Selection**: {SELECTION_NOTE} The winner (the model `cifar score` and "
-             f"`cifar serve` pick from the same runs): {SELECTION_RULE}.",
-             f"- **Cost**: GPU-hours × ${context.gpu_hour_price:.3f} + CPU-hours × "
-             f"${context.cpu_hour_price:.3f} (AWS us-east-1 on-demand: g5.xlarge less its "
-             "vCPUs, m5 per vCPU; see cifar_core/report.py NODE_PRICES). Hours = wall time × "
-             "resources each trial held."]
-    lines += [f"- **Note**: {note}" for note in context.notes]
-    ranked = board.dropna(subset=["test_accuracy"])
-    if not ranked.empty:
-        winner = ranked.iloc[0]
-        versus = (f"{_fmt(winner['difference_vs_seed'], 'diff')} vs the seed notebook's "
-                  f"{_fmt(winner['seed_notebook_accuracy'], 'acc')}" if not winner["variant"]
-                  else "not the seed's experiment, so not compared with it")
-        text = (f"**Winner: {winner['family']}** (trial {winner['best_trial']}): test accuracy "
-                f"{winner['test_accuracy']:.4f}, validation {winner['best_val_accuracy']:.4f}, "
-                f"{versus}; the trial took "
-                f"{_fmt(winner['best_wall_time_s'], 'time')} and "
-                f"{_fmt(winner['best_cost_usd'], 'usd')}.")
-        if len(ranked) > 1:
-            runner = ranked.iloc[1]
-            text += (f" Runner-up {runner['family']}: test accuracy "
-                     f"{runner['test_accuracy']:.4f} "
-                     f"({winner['test_accuracy'] - runner['test_accuracy']:+.4f} for the "
-                     "winner).")
-        lines = [text, ""] + lines
-    return lines
+def render_markdown(table: pd.DataFrame, board: pd.DataFrame, context,
+                    figures: dict[str, bytes] | None = None,
+                    sweeps: Sequence[FamilySweep] = ()) -> str:
+    """report.md: the blocks as GitHub markdown; figures link the PNG files beside it."""
+    figures = figures or {}
 
+    def write(block: tuple) -> str:
+        kind = block[0]
+        if kind in ("h1", "h2", "h3"):
+            return "#" * int(kind[1]) + " " + block[1]
+        if kind == "list":
+            return "\n".join(f"- {line}" for line in block[1])
+        if kind == "table":
+            return markdown_table(block[1])
+        if kind == "figure":
+            return (f"![{block[2]}]({figure_file(block[1])})" if block[1] in figures
+                    else f"{block[2]}: not available for these runs.")
+        if kind == "details":  # GitHub folds this; needs blank lines around the markdown
+            inner = "\n\n".join(write(b) for b in block[2])
+            return f"<details><summary>{html.escape(block[1])}</summary>\n\n{inner}\n\n</details>"
+        return block[1]
 
-def render_markdown(table: pd.DataFrame, board: pd.DataFrame, context) -> str:
-    front = table[table["pareto"]].sort_values("cost_usd")
-    parts = ["# cifar-fleet results", "", *summary_lines(board, context), "",
-             "## Leaderboard (one row per model family)", "",
-             markdown_table(leaderboard_display(board)), "",
-             "test_accuracy: the test accuracy of the family's best configuration's best trial "
-             "(both chosen by validation accuracy); mean ± std: that configuration over its "
-             "seeds; difference: test_accuracy minus the seed notebook's.", "",
-             "## Accuracy vs cost: trials no other trial beats on both", "",
-             markdown_table(trials_display(front)), "",
-             *(["## Batch scoring", "", markdown_table(scoring_display(context.scoring)), "",
-                 SCORING_NOTE, ""] if context.scoring else []),
-             f"## All trials ({len(table)})", "",
-             markdown_table(trials_display(table)), "",
-             "Figures (accuracy per model vs the seed notebook, learning curves, confusion "
-             "matrix, accuracy vs compute) are in report.html; full-precision columns in "
-             "trials.parquet and leaderboard.csv.", ""]
-    return "\n".join(parts)
+    return "\n\n".join(write(b) for b in report_blocks(table, board, context, sweeps)) + "\n"
 
 
 HTML_STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
-table { border-collapse: collapse; font-size: 12px; margin: 1em 0; }
-th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: left; }
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222;
+       padding: 0 1em; }
+h2 { margin-top: 1.6em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; font-size: 12px; margin: 0.6em 0; }
+th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: left; vertical-align: top; }
+td { white-space: nowrap; }
+td.wrap { white-space: normal; min-width: 12em; max-width: 30em; }
 th { background: #eef2f7; }
 tr:nth-child(even) td { background: #fafafa; }
+.scroll { overflow-x: auto; }
 img { max-width: 100%; border: 1px solid #ddd; margin: 0.5em 0; }
-.note { color: #555; font-size: 13px; }
+.note { color: #555; font-size: 13px; max-width: 60em; }
+details { margin: 0.4em 0 1em; font-size: 14px; }
+summary { cursor: pointer; color: #3b5f8f; }
 """
+#: Columns whose long text may wrap; every other cell stays on one line.
+WRAPPING_COLUMNS = ("settings", "experiment", "settings varied", "best settings",
+                    "mean best val_accuracy per value")
+
+
+def html_table(frame: pd.DataFrame, table_id: str) -> str:
+    def cell(value: Any) -> str:
+        return "" if value is None or (isinstance(value, float) and math.isnan(value)) \
+            else html.escape(str(value))
+
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    wrap = [c in WRAPPING_COLUMNS for c in frame.columns]
+    body = "".join("<tr>" + "".join(f'<td class="wrap">{cell(v)}</td>' if w
+                                    else f"<td>{cell(v)}</td>" for v, w in zip(row, wrap))
+                   + "</tr>" for row in frame.itertuples(index=False))
+    return (f'<div class="scroll"><table id="{html.escape(table_id)}"><thead><tr>{head}</tr>'
+            f"</thead><tbody>{body}</tbody></table></div>")
+
+
+def _inline(text: str) -> str:
+    """The markdown the blocks use (**bold**, `code`) as HTML, everything else escaped."""
+    escaped = html.escape(text)
+    for mark, tag in (("**", "b"), ("`", "code")):
+        while escaped.count(mark) >= 2:
+            escaped = escaped.replace(mark, f"<{tag}>", 1).replace(mark, f"</{tag}>", 1)
+    return escaped
 
 
 def render_html(table: pd.DataFrame, board: pd.DataFrame, context,
-                figures: dict[str, bytes]) -> str:
+                figures: dict[str, bytes], sweeps: Sequence[FamilySweep] = ()) -> str:
     """A self-contained page: inline CSS, figures as base64 PNG data URIs, no scripts."""
-    def md_inline(text: str) -> str:
-        escaped = html.escape(text)
-        while "**" in escaped:  # the summary uses **bold** only
-            escaped = escaped.replace("**", "<b>", 1).replace("**", "</b>", 1)
-        return escaped
+    def write(block: tuple) -> str:
+        kind = block[0]
+        if kind in ("h1", "h2", "h3"):
+            return f"<{kind}>{_inline(block[1])}</{kind}>"
+        if kind == "list":
+            return "<ul>" + "".join(f"<li>{_inline(line)}</li>" for line in block[1]) + "</ul>"
+        if kind == "table":
+            return html_table(block[1], block[2])
+        if kind == "figure":
+            name, alt = block[1], html.escape(block[2])
+            if name not in figures:
+                return f"<p class='note'>{alt}: not available for these runs.</p>"
+            data = base64.b64encode(figures[name]).decode()
+            return (f"<img id='fig-{name}' alt='{alt}' title='{figure_file(name)}' "
+                    f"src='data:image/png;base64,{data}'>")
+        if kind == "details":
+            return (f"<details><summary>{html.escape(block[1])}</summary>"
+                    + "".join(write(b) for b in block[2]) + "</details>")
+        return f"<p class='{'note' if kind == 'note' else 'text'}'>{_inline(block[1])}</p>"
 
-    def image(name: str, alt: str) -> str:
-        if name not in figures:
-            return f"<p class='note'>{html.escape(alt)}: not available for these runs.</p>"
-        data = base64.b64encode(figures[name]).decode()
-        return f"<img id='fig-{name}' alt='{html.escape(alt)}' src='data:image/png;base64,{data}'>"
-
-    front = table[table["pareto"]].sort_values("cost_usd")
-    summary = "".join(f"<li>{md_inline(line.removeprefix('- '))}</li>"
-                      for line in summary_lines(board, context) if line.startswith("- "))
-    winner = [line for line in summary_lines(board, context)
-              if line and not line.startswith("- ")]
-    data_label = "; ".join(context.data)
     return "\n".join([
         "<!DOCTYPE html>", "<html lang='en'><head><meta charset='utf-8'>",
         "<title>cifar-fleet results</title>", f"<style>{HTML_STYLE}</style></head><body>",
-        "<h1>cifar-fleet results</h1>",
-        *(f"<p>{md_inline(line)}</p>" for line in winner), f"<ul>{summary}</ul>",
-        "<h2>Leaderboard (one row per model family)</h2>",
-        leaderboard_display(board).to_html(index=False, table_id="leaderboard", border=0),
-        "<p class='note'>test_accuracy: the family's best configuration's best trial, both "
-        "chosen by validation accuracy; mean ± std over that configuration's seeds.</p>",
-        "<h2>Test accuracy per model vs the seed notebook</h2>",
-        image("accuracy_vs_seed", f"Test accuracy per model vs the seed notebook ({data_label})"),
-        "<h2>Learning curves of each model's best trial</h2>",
-        image("learning_curves", f"Learning curves ({data_label})"),
-        "<h2>Best model: confusion matrix and per-class accuracy</h2>",
-        image("confusion", f"Confusion matrix of the best model ({data_label}, test set)"),
-        "<h2>Accuracy vs compute</h2>",
-        image("accuracy_vs_cost", f"Accuracy vs GPU-hours and cost ({data_label})"),
-        "<h2>Trials no other trial beats on both accuracy and cost</h2>",
-        trials_display(front).to_html(index=False, table_id="pareto", border=0),
-        *([
-            "<h2>Batch scoring</h2>",
-            scoring_display(context.scoring).to_html(index=False, table_id="scoring", border=0),
-            f"<p class='note'>{html.escape(SCORING_NOTE.replace('`', ''))}</p>",
-        ] if context.scoring else []),
-        f"<h2>All trials ({len(table)})</h2>",
-        trials_display(table).to_html(index=False, table_id="trials", border=0),
-        f"<p class='note'>Data: {html.escape(data_label)}. Hardware: "
-        f"{html.escape('; '.join(context.hardware))}. Commit: "
-        f"{html.escape(', '.join(context.commits))}.</p>",
+        *(write(b) for b in report_blocks(table, board, context, sweeps)),
         "</body></html>", ""])
-
-

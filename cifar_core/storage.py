@@ -27,6 +27,8 @@ from urllib.parse import urlsplit
 
 # ---------------------------------------------------------------------------- layout names
 SWEEP_FILE = "sweep.json"
+MLFLOW_DB = "mlflow.db"                 # --tracking mlflow: the default local store
+MLFLOW_ARTIFACTS = "mlflow-artifacts"
 TRIALS_DIR = "trials"
 RECORD_FILE = "trial.json"
 CHECKPOINTS_DIR = "checkpoints"
@@ -141,7 +143,8 @@ def s3_errors() -> tuple[type[BaseException], ...]:
 
 def error_code(error: BaseException) -> str | None:
     """S3's error code of a failed call ("NoSuchKey", "PreconditionFailed", "404", ...)."""
-    return getattr(error, "response", {}).get("Error", {}).get("Code")
+    # requests' exceptions (MLflow's client) carry response=None
+    return (getattr(error, "response", None) or {}).get("Error", {}).get("Code")
 
 
 class Unreachable(StorageError):

@@ -24,11 +24,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from cifar_core import storage
+from cifar_core import storage, tracking
 from cifar_core.plan import (SweepOptions, check_one_data_source, plan_cells, trial_order,
                              with_checkpoints)
 from cifar_core.records import (COMPLETED, ERRORED, STOPPED_BY_SCHEDULER, Cell, Outcome,
                                 TrialRecord, make_record, now, scan)
+from cifar_core.search import CellBook, TunePlan, optuna_plans
 
 log = logging.getLogger(__name__)
 
@@ -42,20 +43,41 @@ def run_sweep(options: SweepOptions, data=None, address: str | None = None):
         # Trials run in their own working folders: a relative path would land there.
         options = replace(options, storage=str(Path(options.storage).resolve()))
     cells = plan_cells(options, code_version())          # validates before anything starts
+    tracking.check_available(options)
     endpoint = storage.s3_endpoint(options.s3_endpoint)
     state = scan(options.sweep_uri, endpoint)
     for uri, problem in sorted(state.damaged.items()):
         log.warning("cifar tune: damaged trial record %s (%s): its trial counts as not done "
                     "and runs again", uri, problem)
+    if options.search == "optuna":
+        plans = optuna_plans(options, state, code_version())
+    else:
+        plans = _grid_plans(cells, state, options)
+    storage.write_text(storage.join_uri(options.sweep_uri, storage.SWEEP_FILE), json.dumps({
+        "options": options.__dict__, "cells": len(cells), "provenance": provenance()},
+        indent=1, default=str), endpoint)
+    if not plans:
+        return results_table(state.records.values())
+    check_one_data_source([c for plan in plans
+                           for c in (list(plan.book.cells.values()) or [plan.sample])])
+    records, interrupted = _run(plans, options, data, address)
+    table = results_table({**state.records, **records}.values())
+    if interrupted:
+        log.warning("cifar tune: the sweep was interrupted; %d trial(s) did not finish and have "
+                    "no record: %s. Run the same command with --resume to continue them from "
+                    "their checkpoints.", len(interrupted), ", ".join(sorted(interrupted)))
+    table.attrs["interrupted"] = sorted(interrupted)
+    return table
+
+
+def _grid_plans(cells: list[Cell], state, options: SweepOptions) -> list[TunePlan]:
+    """The planned cells not finished yet, as one Tune run (none if all are done)."""
     finished = state.finished()
     todo = [cell for cell in cells if cell.trial_id not in finished]
     log.info("cifar tune: %d cells in sweep %r; %d already finished in %s; %d to run",
              len(cells), options.name, len(cells) - len(todo), options.sweep_uri, len(todo))
-    storage.write_text(storage.join_uri(options.sweep_uri, storage.SWEEP_FILE), json.dumps({
-        "options": options.__dict__, "cells": len(cells), "provenance": provenance()},
-        indent=1, default=str), endpoint)
     if not todo:
-        return results_table(state.records.values())
+        return []
     earlier = state.earlier_versions(todo)
     if earlier:
         log.info("cifar tune: %d cell(s) to run match trials of another code version in this "
@@ -67,34 +89,25 @@ def run_sweep(options: SweepOptions, data=None, address: str | None = None):
         # earlier attempt left in the sweep's storage.
         log.info("cifar tune: resuming the interrupted sweep in %s", options.sweep_uri)
         todo = with_checkpoints(todo, state.checkpoints)
-    check_one_data_source(todo)
-    records, interrupted = _run(todo, options, data, address)
-    table = results_table({**state.records, **records}.values())
-    if interrupted:
-        log.warning("cifar tune: the sweep was interrupted; %d trial(s) did not finish and have "
-                    "no record: %s. Run the same command with --resume to continue them from "
-                    "their checkpoints.", len(interrupted), ", ".join(sorted(interrupted)))
-    table.attrs["interrupted"] = sorted(interrupted)
-    return table
+    return [TunePlan(CellBook({c.trial_id: c for c in todo}), param_space(todo, options),
+                     sample=todo[0])]
 
 
-def _run(todo: list[Cell], options: SweepOptions, data, address: str | None):
-    """Run the cells under Tune; (their records by id, the interrupted trial ids)."""
-    from ray import tune
-
+def _run(plans: list[TunePlan], options: SweepOptions, data, address: str | None):
+    """Run the plans under Tune, one after another; (their records by id, the interrupted
+    trial ids). A Ctrl-C in one plan ends the sweep: the later plans stay for ``--resume``."""
     from cifar_core.data import load_cifar10
-    from cifar_core.ray_glue import connect_ray
-
     from cifar_core.plan import SweepError
-    from cifar_core.ray_glue import is_private, unfit
+    from cifar_core.ray_glue import connect_ray, is_private, unfit
 
+    samples = [c for plan in plans for c in (list(plan.book.cells.values()) or [plan.sample])]
     # The person's view by default: no trial processes' output, no Ray INFO lines (state
     # saves, checkpoint notices).
-    started = connect_ray(address, dashboard=any(cell.workers for cell in todo),
+    started = connect_ray(address, dashboard=any(cell.workers for cell in samples),
                           log_to_driver=options.verbose,
                           logging_level=logging.INFO if options.verbose else logging.WARNING)
     if is_private(address):
-        for cell in todo:
+        for cell in samples:
             problem = unfit({k: v for k, v in cell.resources.items() if k in ("CPU", "GPU")})
             if problem:
                 if started:
@@ -104,19 +117,35 @@ def _run(todo: list[Cell], options: SweepOptions, data, address: str | None):
                 raise SweepError(f"trial {cell.trial_id} ({cell.settings.model}) {problem}; "
                                  "change --resources/--use-gpu or run on a cluster (--address)")
     if data is None:
-        data = load_cifar10(todo[0].settings)
-    cells = {cell.trial_id: cell for cell in todo}
+        data = load_cifar10(samples[0].settings)
+    records, interrupted = {}, []
+    for plan in plans:
+        done, cut = _run_plan(plan, options, data)
+        records.update(done)
+        interrupted += cut
+        if cut:
+            break
+    return records, interrupted
+
+
+def _run_plan(plan: TunePlan, options: SweepOptions, data):
+    from ray import tune
+
+    book = plan.book
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, data=data, cells=cells),
+        tune.with_parameters(run_trial, data=data, book=book),
         lambda config: tune.PlacementGroupFactory(
-            [{k: v for k, v in cells[config["trial_id"]].resources.items() if v}]))
-    scheduler = _scheduler(options, todo)
+            [{k: v for k, v in book(config).resources.items() if v}]))
+    scheduler = _scheduler(options, plan.max_epochs, book)
     fs, path = storage.pyarrow_filesystem(options.storage, options.s3_endpoint)
+    name = lambda trial: book(trial.config).trial_id  # noqa: E731
+    total = len(book.cells) if plan.searcher is None else plan.num_samples
     tuner = tune.Tuner(
         trainable,
-        param_space=param_space(todo, options),
+        param_space=plan.param_space,
         tune_config=tune.TuneConfig(
             metric="val_accuracy", mode="max", scheduler=scheduler,
+            search_alg=plan.searcher, num_samples=plan.num_samples,
             max_concurrent_trials=options.max_concurrent,
             # A new process per trial pays Ray's actor start and TensorFlow's import (~5-10 s)
             # every time; reusing it keeps short trials cheap. Not under a scheduler: a trial it
@@ -124,15 +153,16 @@ def _run(todo: list[Cell], options: SweepOptions, data, address: str | None):
             # epoch), Tune gives the reset 2 s, and the next trial there then fails with
             # "Trainable runner reuse requires reset_config()".
             reuse_actors=options.scheduler == "none",
-            trial_name_creator=lambda trial: trial.config["trial_id"],
-            trial_dirname_creator=lambda trial: f"{trial.config['trial_id']}_{trial.trial_id}"),
+            trial_name_creator=name,
+            trial_dirname_creator=lambda trial: f"{name(trial)}_{trial.trial_id}"),
         run_config=tune.RunConfig(
             name=options.name, storage_path=path, storage_filesystem=fs,
             failure_config=tune.FailureConfig(max_failures=options.max_failures),
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute="val_accuracy",
                 checkpoint_score_order="max"),
-            callbacks=[] if options.verbose else [progress_callback(len(todo))],
+            callbacks=([] if options.verbose else [progress_callback(total, name)])
+            + tracking.tune_callbacks(options, book),
             verbose=1 if options.verbose else 0))
     # Tune's legacy reporter prints nothing at verbose=0; the new one prints its experiment
     # table whatever `verbose` says (ray/tune/experimental/output.py,
@@ -147,11 +177,11 @@ def _run(todo: list[Cell], options: SweepOptions, data, address: str | None):
             os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
         else:
             os.environ["RAY_AIR_NEW_OUTPUT"] = earlier
-    return record_unfinished(results, cells, getattr(scheduler, "stopped", set()),
+    return record_unfinished(results, book, getattr(scheduler, "stopped", set()),
                              options.storage)
 
 
-def progress_callback(total: int):
+def progress_callback(total: int, name=lambda trial: trial.config["trial_id"]):
     """Tune callback: the person's view of a sweep, one line per trial that ends (rewritten in
     place on a terminal), instead of Tune's trial tables (``--verbose`` brings those back)."""
     import sys
@@ -165,14 +195,14 @@ def progress_callback(total: int):
 
         def on_trial_start(self, iteration, trials, trial, **info):
             self.running.add(trial.trial_id)
-            self._show(f"started {trial.config['trial_id']}")
+            self._show(f"started {name(trial)}")
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             accuracy = result.get("val_accuracy")
             if accuracy is not None and (self.best is None or accuracy > self.best[0]):
-                self.best = (accuracy, trial.config["trial_id"])
+                self.best = (accuracy, name(trial))
             if self.terminal:
-                self._show(f"{trial.config['trial_id']} epoch {result.get('epoch')}")
+                self._show(f"{name(trial)} epoch {result.get('epoch')}")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._end(trial, "finished")
@@ -183,7 +213,7 @@ def progress_callback(total: int):
         def _end(self, trial, how: str) -> None:
             self.ended += 1
             self.running.discard(trial.trial_id)
-            self._show(f"{how} {trial.config['trial_id']}", final=not self.terminal)
+            self._show(f"{how} {name(trial)}", final=not self.terminal)
 
         def _show(self, event: str, final: bool = False) -> None:
             best = f"; best val_accuracy {self.best[0]:.4f} ({self.best[1]})" if self.best else ""
@@ -203,9 +233,11 @@ def progress_callback(total: int):
 
 def param_space(cells: list[Cell], options: SweepOptions) -> dict:
     """Tune's search space: the cell ids as a grid, and each cell's varied settings (fields
-    whose values differ between the cells, plus the model) resolved from its id, so Tune's
-    own loggers, ``ResultGrid.get_dataframe()`` and tracking callbacks see the real
-    hyperparameters. Only ``trial_id`` is read back: the cells themselves carry the truth."""
+    whose values differ between the cells, plus the model) resolved from its id, so
+    ``ResultGrid.get_dataframe()``, Tune's CSV/JSON results and tracking callbacks see the real
+    hyperparameters (Tune's default TensorBoard logger records only what its grid generator
+    resolved, ``trial_id``: ``tracking.py`` writes the HParams). Only ``trial_id`` is read
+    back: the cells themselves carry the truth."""
     from functools import partial
 
     from ray import tune
@@ -224,13 +256,13 @@ def _cell_setting(by_id: dict[str, dict], name: str, config: dict) -> object:
 
 
 # ---------------------------------------------------------------------------- the trial
-def run_trial(config: dict, data, cells: dict[str, Cell]) -> None:
+def run_trial(config: dict, data, book: CellBook) -> None:
     """Tune function trainable: one cell, from its checkpoint if Tune is retrying it.
 
-    ``config`` holds only the cell's id (so Tune's progress table stays readable); the cells
-    themselves travel once through the object store, like the data.
+    ``config`` holds the cell's id and varied settings, or an Optuna point; the cell comes from
+    ``book`` (the planned cells travel once through the object store, like the data).
     """
-    cell = cells[config["trial_id"]]
+    cell = book(config)
     if cell.workers:
         # M7 on several GPUs: this trial drives a Ray Train run (Tuner(trainer) is deprecated).
         from cifar_core.multiworker import finetune_trial
@@ -281,7 +313,7 @@ def _restore(cell: Cell, workdir: Path) -> tuple[Path | None, float]:
 
 
 # ---------------------------------------------------------------------------- the end
-def _scheduler(options: SweepOptions, cells: list[Cell]):
+def _scheduler(options: SweepOptions, max_epochs: int, book: CellBook):
     if options.scheduler != "asha":
         return None
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
@@ -297,16 +329,16 @@ def _scheduler(options: SweepOptions, cells: list[Cell]):
         def on_trial_result(self, tune_controller, trial, result):
             action = super().on_trial_result(tune_controller, trial, result)
             if action == TrialScheduler.STOP:
-                self.stopped.add(trial.config["trial_id"])
+                self.stopped.add(book(trial.config).trial_id)
             return action
 
     # Judge trials by epochs done (not by report count): a resumed trial keeps its epoch number.
-    return RecordingASHA(time_attr="epoch", max_t=max(c.settings.total_epochs for c in cells),
+    return RecordingASHA(time_attr="epoch", max_t=max_epochs,
                          grace_period=options.grace_period,
                          reduction_factor=options.reduction_factor)
 
 
-def record_unfinished(results, cells: dict[str, Cell], stopped_by_scheduler: set[str],
+def record_unfinished(results, book: CellBook, stopped_by_scheduler: set[str],
                       storage_root: str) -> tuple[dict[str, TrialRecord], list[str]]:
     """Read each run cell's record once; write one for trials that did not write their own
     (scheduler-stopped or errored). Returns (records by id, interrupted trial ids).
@@ -317,6 +349,9 @@ def record_unfinished(results, cells: dict[str, Cell], stopped_by_scheduler: set
     """
     from cifar_core.provenance import provenance
 
+    for result in results:  # an Optuna point's cell is known once its trial exists
+        book(result.config)
+    cells = book.cells
     records: dict[str, TrialRecord] = {}
     ids = list(cells)
     endpoint = next(iter(cells.values())).s3_endpoint if cells else None
@@ -331,7 +366,7 @@ def record_unfinished(results, cells: dict[str, Cell], stopped_by_scheduler: set
     interrupted, seen = [], set()
     sweep_provenance = provenance()
     for result in results:
-        cell = cells[result.config["trial_id"]]
+        cell = book(result.config)
         seen.add(cell.trial_id)
         if cell.trial_id in done:
             continue

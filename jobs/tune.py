@@ -43,8 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--grid", default="default",
                      help="'seed' (the notebook's settings, one trial per model), 'default' "
                           "(a grid around them) or a JSON file {model: {field: [values]}}.")
+    job.add_argument("--search", choices=("grid", "random", "optuna"), default="grid",
+                     help="grid: lists crossed, ranges drawn --num-samples times per point; "
+                          "random: --num-samples points per model, every field drawn; optuna: "
+                          "Optuna (TPE) proposes --num-samples points per model from the "
+                          "results so far (needs the [search] extra).")
+    job.add_argument("--search-seed", type=int, default=0,
+                     help="Seed of the random draws and of Optuna's sampler.")
     job.add_argument("--num-samples", type=int, default=1,
-                     help="Samples per grid point for sampled (non-grid) domains.")
+                     help="grid: draws per grid point of the ranges; random, optuna: trials "
+                          "per model.")
     job.add_argument("--seeds", type=int, default=1, help="Repeat every cell with K seeds.")
     job.add_argument("--epochs-scale", type=float, default=1.0,
                      help="Multiply every model's epochs (e.g. 0.1 for a quick look).")
@@ -76,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--address", default=None, help="Ray cluster address (or RAY_ADDRESS).")
     job.add_argument("--smoke-test", action="store_true",
                      help="Every model, 300 images, 1 epoch, small inputs (ladder.py).")
+    job.add_argument("--tracking", choices=("none", "tensorboard", "mlflow"), default="none",
+                     help="Experiment tracking: TensorBoard event files or MLflow runs, under "
+                          "the sweep's storage (needs the [tracking] extra).")
+    job.add_argument("--mlflow-tracking-uri", default=None,
+                     help="An MLflow tracking server (default with --tracking mlflow: a local "
+                          "store inside the sweep's storage).")
     job.add_argument("--verbose", action="store_true",
                      help="Also Ray Tune's trial tables and the trials' own output.")
     add_log_level(job)
@@ -113,7 +127,9 @@ def options_from_args(args: argparse.Namespace) -> SweepOptions:
         max_concurrent=args.max_concurrent, use_gpu=args.use_gpu,
         resources=parse_resources(args.resources), max_failures=args.max_failures,
         m7_workers=args.m7_workers, resume=args.resume, s3_endpoint=args.s3_endpoint,
-        smoke_test=args.smoke_test, verbose=args.verbose)
+        smoke_test=args.smoke_test, verbose=args.verbose, tracking=args.tracking,
+        search=args.search, search_seed=args.search_seed,
+        mlflow_tracking_uri=args.mlflow_tracking_uri)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         print(board.to_string(index=False) if not board.empty else "(no trials)")
     print(f"cifar tune: {len(board)} trials; results in {options.sweep_uri} "
           f"(cifar report --runs {options.storage})")
+    from cifar_core.tracking import describe
+
+    if describe(options):
+        print(f"cifar tune: {describe(options)}")
     if board.attrs.get("interrupted"):
         return 130  # the shell's code for Ctrl-C: not finished, resumable
     errored = int((board["status"] == "errored").sum()) if not board.empty else 0

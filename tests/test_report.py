@@ -127,7 +127,8 @@ def test_leaderboard_picks_the_best_by_validation_and_shows_the_seed(sweep, buil
         assert math.isnan(row.difference_vs_seed)
         assert row.seeds == len(configs[best_config]) and row.trials == len(family)
     markdown = built.files["report.md"].read_text()
-    assert "| M1 [subset of 300 images, 1 of 50 epochs] |" in markdown
+    # Other experiments have their own table: the model, then what the experiment was.
+    assert "| M1 | subset of 300 images, 1 of 50 epochs |" in markdown
     assert "not the seed's experiment" in markdown
     assert "test set was not used for selection" in markdown
 
@@ -201,6 +202,130 @@ def test_pareto_front_marks_trials_no_other_trial_beats_on_both():
     assert list(pareto_front(accuracy, cost)) == [True, True, True, False, False, False]
 
 
+# ---------------------------------------------------------------------------- sweeps, figures
+def _swept(trial, model, val, test, epochs=4, **settings):
+    """A trial with a learning curve rising to ``val`` and the given settings."""
+    record = _record(trial, model, val, test)
+    record.settings.update(settings)
+    record.history = [{"epoch": e, "val_accuracy": val * e / epochs,
+                       "accuracy": min(1.0, 1.1 * val * e / epochs)}
+                      for e in range(1, epochs + 1)]
+    record.epochs_run = epochs
+    return record
+
+
+def _lr_sweep(model="M4"):
+    """12 trials: learning_rate decides val_accuracy (0.3 / 0.5 / 0.7, +-0.01); dense_units
+    decides test_accuracy only, and momentum nothing. A report that ranked by test accuracy,
+    or that could not tell a setting from noise, would not put learning_rate first."""
+    records = []
+    for i, (lr, units, momentum) in enumerate(
+            (lr, units, momentum) for lr in (1e-4, 1e-3, 1e-2) for units in (64, 512)
+            for momentum in (0.0, 0.9)):
+        val = {1e-4: 0.3, 1e-3: 0.5, 1e-2: 0.7}[lr] + (0.01 if (i * 7) % 3 == 0 else -0.01)
+        test = 0.2 if units == 64 else 0.9
+        records.append(_swept(f"{model}-{i:02d}", model, val, test, learning_rate=lr,
+                              dense_units=units, momentum=momentum))
+    return records
+
+
+def test_importance_ranks_the_setting_that_drives_val_accuracy_first(tmp_path):
+    from cifar_core.report_sweeps import analyse_sweeps
+
+    records = _lr_sweep()
+    table = trials_table(records)
+    (sweep,) = analyse_sweeps(table, leaderboard(records, table))
+    ranking = list(sweep.importance["setting"])
+    assert ranking[0] == "learning_rate" and set(ranking) == {"learning_rate", "dense_units",
+                                                              "momentum"}
+    importance = sweep.importance.set_index("setting")["importance"]
+    assert importance["learning_rate"] > 5 * max(importance["dense_units"],
+                                                 importance["momentum"])
+    assert sweep.fit_r2 > 0.5  # the forest explains the sweep
+    assert sweep.importance.set_index("setting").loc["learning_rate", "best_value"] == "0.01"
+    assert [axis.name for axis in sweep.axes][0] == "learning_rate"  # figure axes: same order
+    assert sweep.axes[0].scale == "log"
+    # Test accuracies shuffled: the same table, because the test set is never an input.
+    for record, test in zip(records, [r.test_accuracy for r in records][::-1]):
+        record.test_accuracy = test
+    table = trials_table(records)
+    (again,) = analyse_sweeps(table, leaderboard(records, table))
+    pd.testing.assert_frame_equal(again.importance, sweep.importance)
+
+
+def test_parallel_coordinates_figure_is_written_linked_and_embedded(tmp_path):
+    import base64
+
+    from cifar_core.report_figures import figure_file
+
+    two = [_swept("M1-a", "M1", 0.40, 0.41, learning_rate=0.01),
+           _swept("M1-b", "M1", 0.45, 0.44, learning_rate=0.03)]
+    report = build_report(_lr_sweep() + two + [_swept("M2-a", "M2", 0.5, 0.5)], tmp_path)
+    markdown = report.files["report.md"].read_text()
+    page = report.files["report.html"].read_text()
+    for name in ("parallel-m4", "parallel-m1"):  # M1's two trials: a figure, no table
+        png = (tmp_path / figure_file(name)).read_bytes()
+        assert png.startswith(b"\x89PNG") and report.files[figure_file(name)].is_file()
+        assert f"]({figure_file(name)})" in markdown
+        assert f"id='fig-{name}'" in page and base64.b64encode(png).decode() in page
+    assert not list(tmp_path.glob("figure-parallel-m2*"))  # one trial: nothing to compare
+    section = markdown.split("## What the sweeps explored", 1)[1].split("\n## ", 1)[0]
+    assert "permutation importance of a random forest" in section
+    assert "| 1 | learning_rate |" in section and 'id="importance-m4"' in page
+    assert "No importance table: an importance table needs 8 finished trials" in section
+    # A figure an earlier report drew is gone once the report no longer draws it.
+    build_report(_lr_sweep(), tmp_path)
+    assert not (tmp_path / figure_file("parallel-m1")).exists()
+    assert (tmp_path / figure_file("parallel-m4")).exists()
+
+
+def test_the_seed_ladder_and_other_experiments_get_separate_tables(tmp_path):
+    from PIL import Image
+
+    from cifar_core.report_figures import PALETTE, figure_file
+
+    seed = [_swept("M4-seed", "M4", 0.76, 0.77), _swept("M1-seed", "M1", 0.54, 0.55)]
+    # An M1 subset sweep: its settings must not show up as the seed M1 run's settings.
+    subset = [_swept(f"M1-sub{i}", "M1", 0.3 + 0.02 * i, 0.3, limit=2000, num_epochs=2,
+                     batch_size=128, learning_rate=lr) for i, lr in enumerate((0.01, 0.1))]
+    random_init = _swept("M7-rand", "M7", 0.10, 0.10, backbone_weights="none", limit=2000,
+                         num_epochs=1, fine_tune_epochs=1, image_size=96)
+    report = build_report(seed + subset + [random_init], tmp_path)
+    board = report.leaderboard.set_index("family")
+    assert board.loc["M1", "best_settings"] == "" and board.loc["M1", "fixed_changes"] == ""
+    assert board.loc["M1 [subset of 2,000 images, 2 of 50 epochs]", "best_settings"] == (
+        "learning_rate=0.1")
+    assert board.loc["M1 [subset of 2,000 images, 2 of 50 epochs]", "fixed_changes"] == (
+        "batch_size=128")
+    markdown = report.files["report.md"].read_text()
+    ladder = markdown.split("## The ladder against the seed notebook", 1)[1].split("\n## ")[0]
+    others = markdown.split("## Other experiments (2)", 1)[1].split("\n## ")[0]
+    assert "| M4 | 0.7820 | 0.7700 |" in ladder and "| M1 | 0.5520 | 0.5500 |" in ladder
+    assert "subset" not in ladder and "random-init" not in ladder
+    assert "M4-seed" in ladder and "M1-sub1" not in ladder and "M7-rand" not in ladder
+    assert ladder.count("\n| ") == 3  # the header and the two rows of the seed's experiment
+    assert "| M1 | subset of 2,000 images, 2 of 50 epochs | 0.3000 | 0.3200 |" in others
+    assert "| M7 | random-init backbone, subset of 2,000 images, 1+1 of 20+15 epochs |" in others
+    assert "learning_rate=0.1; every trial: batch_size=128" in others
+    page = report.files["report.html"].read_text()
+    ladder_html = page.split('id="leaderboard"', 1)[1].split("</table>", 1)[0]
+    other_html = page.split('id="other-experiments"', 1)[1].split("</table>", 1)[0]
+    assert "<td>M4</td>" in ladder_html and "M7-rand" not in ladder_html
+    assert ladder_html.count("<tr>") == 3
+    assert "random-init backbone" in other_html and "M4-seed" not in other_html
+    # The first screen: one line of provenance, the details folded away.
+    head = page.split("<h2>", 1)[0]
+    assert "<details><summary>Where the numbers come from" in head
+    assert head.count("<li>") == head.split("</details>")[0].count("<li>")
+    # One colour per model in every figure: M4's bars and M4's learning curve, M7's bar.
+    for name, model, least in (("accuracy_vs_seed", "M4", 500), ("accuracy_vs_seed", "M7", 200),
+                               ("learning_curves", "M4", 20), ("learning_curves", "M7", 20)):
+        rgb = tuple(int(PALETTE[model][i:i + 2], 16) for i in (1, 3, 5))
+        with Image.open(tmp_path / figure_file(name)) as image:
+            pixels = list(image.convert("RGB").getdata())
+        assert pixels.count(rgb) >= least, (name, model, pixels.count(rgb))
+
+
 @pytest.mark.slow  # builds on the tune smoke sweep (1-2 min, once per module)
 def test_train_run_folders_become_records(sweep, image_folder, tmp_path):
     from cifar_core.data import load_cifar10
@@ -236,12 +361,16 @@ def test_cli_writes_every_output_and_rejects_bad_input(sweep, tmp_path, capsys):
 
     out = tmp_path / "results"
     assert main(["--runs", str(sweep), "--out", str(out), "--gpu-hour-price", "3"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES)
+    names = sorted(p.name for p in out.iterdir())  # the four outputs and the figures' PNGs
+    assert set(OUTPUT_FILES) <= set(names)
+    assert all(n.startswith("figure-") and n.endswith(".png") for n in set(names)
+               - set(OUTPUT_FILES)) and "figure-learning_curves.png" in names
     assert "wrote" in capsys.readouterr().out
     # The same runs give the same bytes (no clock time inside), so re-publishing is a no-op.
     again = tmp_path / "again"
     assert main(["--runs", str(sweep), "--out", str(again), "--gpu-hour-price", "3"]) == 0
-    for name in OUTPUT_FILES:
+    assert sorted(p.name for p in again.iterdir()) == names
+    for name in names:
         assert (again / name).read_bytes() == (out / name).read_bytes(), name
     assert main(["--runs", str(tmp_path / "missing"), "--out", str(out)]) == 2
     empty = tmp_path / "empty"
@@ -492,8 +621,14 @@ def test_report_html_renders_in_headless_chromium(built, tmp_path):
     # The figures' bars (#3b75af) are the only saturated blue on the page: the PNGs rendered.
     blue = sum(1 for r, g, b in pixels if b > 150 and b - r > 90 and b - g > 40)
     assert blue > 2000, "no figure pixels in the screenshot"
-    leaderboard_html = dom.split('id="leaderboard"', 1)[1].split("</table>", 1)[0]
+    # The seed's experiment and the other experiments have a table each (the smoke sweep's
+    # families are all other experiments: 300 images, 1 epoch).
+    tables = "".join(dom.split(f'id="{name}"', 1)[1].split("</table>", 1)[0]
+                     for name in ("leaderboard", "other-experiments") if f'id="{name}"' in dom)
     for _, row in built.leaderboard.iterrows():
-        assert f"<td>{row['family']}</td>" in leaderboard_html
-        assert row["best_trial"] in leaderboard_html
-    assert dom.count("data:image/png;base64,") == 4
+        assert f"<td>{row['model']}</td>" in tables
+        assert f"<td class=\"wrap\">{row['variant']}</td>" in tables
+        assert row["best_trial"] in tables
+    # Accuracy per family, learning curves, confusion, cost and M1's two learning rates in
+    # parallel coordinates.
+    assert dom.count("data:image/png;base64,") == 5

@@ -17,7 +17,7 @@ MODULES = {path.stem: path for path in sorted(CORE.glob("*.py"))}
 TREES = {name: ast.parse(path.read_text()) for name, path in MODULES.items()}
 #: File names of the storage layout: spelled out in storage.py only.
 LAYOUT_NAMES = {"trial.json", "state.json", "model.keras", "settings.json", "sweep.json",
-                "metrics.jsonl", "evaluation.json", "provenance.json"}
+                "metrics.jsonl", "evaluation.json", "provenance.json", "mlflow.db"}
 
 
 def imports(tree: ast.AST) -> list[tuple[str, int]]:

@@ -14,6 +14,7 @@ import pytest
 from cifar_core.plan import SweepOptions, check_one_data_source, plan_cells, trial_order
 from cifar_core.provenance import code_version
 from cifar_core.records import TrialRecord, scan
+from cifar_core.search import CellBook
 
 from cifar_core.sweep import read_records, record_unfinished, run_sweep
 
@@ -268,7 +269,7 @@ def test_cells_tune_never_created_count_as_interrupted(tmp_path):
     path = Path(opts.sweep_uri) / "trials" / finished.trial_id / "trial.json"
     path.parent.mkdir(parents=True)
     path.write_text(record.to_json())
-    records, missing = record_unfinished([], {c.trial_id: c for c in cells},
+    records, missing = record_unfinished([], CellBook({c.trial_id: c for c in cells}),
                                          stopped_by_scheduler=set(), storage_root=opts.storage)
     assert sorted(missing) == sorted(cell.trial_id for cell in cells[1:])
     assert list(records) == [finished.trial_id]
