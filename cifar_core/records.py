@@ -358,10 +358,24 @@ def experiment_variant(settings: dict) -> str:
     return ", ".join(parts)
 
 
+def with_current_fields(record: TrialRecord) -> TrialRecord:
+    """The record with the Settings fields added since it was written at their defaults for
+    its model (what that record trained with: a field did not exist, its default behaviour
+    ran), so records of different ages compare field by field."""
+    from dataclasses import replace
+
+    if record.model not in LADDER:
+        return record
+    defaults = Settings.from_dict({"model": record.model}).to_dict()
+    missing = {k: v for k, v in defaults.items() if k not in record.settings}
+    return replace(record, settings={**record.settings, **missing}) if missing else record
+
+
 def configuration(record: TrialRecord) -> str:
-    """A configuration: a trial's settings without its seed (repeats of it share this key)."""
-    return json.dumps({k: v for k, v in record.settings.items() if k != "seed"},
-                      sort_keys=True)
+    """A configuration: a trial's settings without its seed (repeats of it share this key,
+    whichever Settings fields existed when each was written)."""
+    return json.dumps({k: v for k, v in with_current_fields(record).settings.items()
+                       if k != "seed"}, sort_keys=True)
 
 
 def validation_key(record: TrialRecord) -> str:

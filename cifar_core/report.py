@@ -42,7 +42,7 @@ import pandas as pd
 from cifar_core import storage
 from cifar_core.provenance import digest_of
 from cifar_core.ladder import LADDER
-from cifar_core.records import (TrialRecord, best_of, experiment_variant,
+from cifar_core.records import (TrialRecord, best_of, experiment_variant, with_current_fields,
                                 record_from_train_run, select_best, validation_key)
 from cifar_core.report_sweeps import seed_changes
 from cifar_core.settings import CLASS_NAMES
@@ -456,7 +456,7 @@ def build_report(records: Sequence[TrialRecord], out: str | Path, *,
     from cifar_core import report_render as render
     from cifar_core.report_sweeps import analyse_sweeps
 
-    records = list(records)
+    records = [with_current_fields(r) for r in records]
     table = trials_table(records, gpu_hour_price=gpu_hour_price, cpu_hour_price=cpu_hour_price)
     board = leaderboard(records, table)
     context = report_context(records, gpu_hour_price, cpu_hour_price, data_label)

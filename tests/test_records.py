@@ -47,6 +47,21 @@ def test_make_record_derives_best_epoch_stop_reason_and_wall_time():
     assert TrialRecord.from_json(record.to_json()) == record
 
 
+def test_records_written_before_a_settings_field_existed_compare_at_its_default():
+    """A field added to Settings later: an older record lacks it and trained with its
+    default, so it is the same configuration as a new record at that default."""
+    from dataclasses import replace
+
+    from cifar_core.records import configuration, with_current_fields
+
+    new = make_record(cell(), Outcome(COMPLETED, history(0.5)))
+    old = replace(new, settings={k: v for k, v in new.settings.items() if k != "momentum"})
+    assert configuration(old) == configuration(new)
+    assert with_current_fields(old).settings == new.settings
+    changed = replace(new, settings={**new.settings, "momentum": 0.5})
+    assert configuration(changed) != configuration(new)
+
+
 @pytest.mark.parametrize("text, problem", [("[]", "JSON object"), ('{"x": 1}', "no trial_id"),
                                            ('{"trial_id": "a", "sta', "")])
 def test_damaged_records_are_reported_by_name_and_not_done(tmp_path, text, problem):
