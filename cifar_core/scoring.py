@@ -287,8 +287,9 @@ def run_pipeline(listing, checkpoint: Checkpoint, model_bytes: bytes, src: str,
         stage["write"] += now - write_start
         if options.progress_interval_s and now - last_report >= options.progress_interval_s:
             last_report = now
-            log(f"cifar score: {done}/{total} files ({done / total:.0%}), "
-                f"{done / (now - start):.0f} images/s, {errors} errors")
+            rate = done / (now - start)
+            log(f"cifar score: {done}/{total} files ({done / total:.0%}), {rate:.0f} images/s, "
+                f"ETA {(total - done) / rate:.0f} s, {errors} errors")
     stage["first_row"] = first_row_s or 0.0
     return dict(stage), collected, time.perf_counter() - start
 

@@ -467,6 +467,21 @@ def test_an_s3_outage_mid_job_fails_clearly_and_a_rerun_completes(ray_module, sa
     assert summary.files == summary.ok == 50 and len(pd.read_csv(out)) == 50
 
 
+def test_progress_lines_give_files_rate_and_eta(ray_module, samples, trained_run, tmp_path):
+    import re
+
+    from cifar_core.scoring import ScoreOptions, execute, plan_scoring
+
+    plan = plan_scoring(str(samples), str(trained_run), str(tmp_path / "s.csv"),
+                        ScoreOptions(batch_size=8, progress_interval_s=1e-9))
+    lines: list[str] = []
+    execute(plan, log=lines.append)
+    progress = [line for line in lines if re.fullmatch(
+        r"cifar score: \d+/50 files \(\d+%\), \d+ images/s, ETA \d+ s, 0 errors", line)]
+    assert progress and progress[-1].startswith("cifar score: 50/50 files (100%)")
+    assert progress[-1].endswith("ETA 0 s, 0 errors")
+
+
 CGROUP_MEMORY = Path("/sys/fs/cgroup/memory")
 
 
