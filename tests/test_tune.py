@@ -401,13 +401,22 @@ def test_m7_trial_runs_as_a_multi_worker_train_run(tmp_path, image_folder):
               "from jobs.tune import main; sys.exit(main(sys.argv[1:]))")
     done = subprocess.run(
         [sys.executable, "-c", script, "--smoke-test", "--models", "M7", "--m7-workers", "2",
-         "--data", str(image_folder), "--storage", str(tmp_path), "--name", "m7"],
+         "--data", str(image_folder), "--storage", str(tmp_path), "--name", "m7",
+         "--tracking", "tensorboard"],
         cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     (record,) = read_records(str(tmp_path / "m7"))
     assert record.kind == "finetune" and record.status == "completed"
     assert [m["phase"] for m in record.history] == [1, 2]
     assert record.test_accuracy is not None and (Path(record.checkpoint_uri) / "model.keras").exists()
+    # Tracking sees a Train run's epochs as it sees any trial's.
+    from tests.test_tracking import read_events
+
+    (events_file,) = (tmp_path / "m7").glob("*/events.out.tfevents.*")
+    hparams, _, events = read_events(events_file)
+    assert hparams["trial_id"] == record.trial_id
+    assert [(s.step, s.value) for s in events.Scalars("ray/tune/val_accuracy")] == [
+        (m["epoch"], pytest.approx(m["val_accuracy"], rel=1e-6)) for m in record.history]
 
 
 def test_a_damaged_record_is_named_and_its_trial_runs_again(tmp_path, image_folder, ray_local,
