@@ -165,7 +165,7 @@ def optuna(args) -> None:
         wall, records = sweep(storage, f"{model.lower()}-optuna-{seed}", {model: grid}, data,
                               overrides=overrides, scheduler="asha", max_concurrent=2,
                               search="optuna", search_seed=seed, num_samples=args.samples,
-                              resume=True)
+                              search_startup=args.search_startup, resume=True)
         best = max(records, key=lambda r: r.best_val_accuracy or 0)
         epochs = sum(r.epochs_run for r in records)
         runs.append({"search_seed": seed, "trials": len(records), "trial_epochs": epochs,
@@ -184,7 +184,7 @@ def optuna(args) -> None:
         f"# Optuna (TPE) + ASHA vs the full grid: {model}, {len(grid_records)}-configuration "
         f"space, {args.samples} trials per search, {args.limit:,} CIFAR-10 (JPEG) images "
         f"({args.validation_fraction:.0%} validation), {args.epochs} epochs, batch "
-        f"{args.batch_size}", "",
+        f"{args.batch_size}; TPE starts from {args.search_startup} random points", "",
         f"Full grid (recorded in `{recorded.relative_to(REPO)}/`): best val_accuracy "
         f"{best_grid.best_val_accuracy:.4f} (test {best_grid.test_accuracy:.4f}), "
         f"{grid_epochs} trial-epochs.", "",
@@ -200,8 +200,10 @@ def optuna(args) -> None:
         f"{verdict['worst_epoch_share']:.0%} (target: <= 0.5 points with <= 16 trials and "
         f"<= 10%): {'met' if verdict['meets_target'] else 'NOT met'}. ASHA grace 1, "
         "reduction factor 4; 2 trials at a time, 1 CPU each."])
-    print(write_results(f"bench-tune-optuna-{model.lower()}",
+    print(write_results(f"bench-tune-optuna-{model.lower()}"
+                        + (f"-{args.tag}" if args.tag else ""),
                         {"space": {model: grid}, "overrides": overrides, "runs": runs,
+                         "search_startup": args.search_startup,
                          "grid_best_val_accuracy": best_grid.best_val_accuracy,
                          "grid_trial_epochs": grid_epochs, "verdict": verdict}, table))
     print(table)
@@ -309,6 +311,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="overhead: sweeps to time.")
     parser.add_argument("--samples", type=int, default=16, help="optuna: trials per search.")
     parser.add_argument("--search-seeds", type=int, default=3, help="optuna: searches to run.")
+    parser.add_argument("--search-startup", type=int, default=SweepOptions.search_startup,
+                        help="optuna: random points before TPE.")
     parser.add_argument("--grace-period", type=int, default=SweepOptions.grace_period)
     parser.add_argument("--reduction-factor", type=int, default=SweepOptions.reduction_factor)
     args = parser.parse_args()

@@ -76,6 +76,7 @@ class SweepOptions:
     verbose: bool = False                       # Ray's trial tables and workers' own output
     search: str = "grid"                        # SEARCHES
     search_seed: int = 0                        # random and optuna: the searcher's seed
+    search_startup: int = 10                    # optuna: random points before TPE (Optuna's)
     tracking: str = "none"                      # TRACKERS (cifar_core/tracking.py)
     mlflow_tracking_uri: str | None = None      # default: a local store in the sweep's storage
 
@@ -98,6 +99,8 @@ class SweepOptions:
             raise SweepError(f"--scheduler {self.scheduler!r} must be one of {SCHEDULERS}")
         if self.search not in SEARCHES:
             raise SweepError(f"--search {self.search!r} must be one of {SEARCHES}")
+        if self.search_startup < 1:
+            raise SweepError(f"--search-startup {self.search_startup} must be >= 1")
         if self.search == "optuna" and self.seeds > 1:
             raise SweepError(f"--seeds {self.seeds} with --search optuna: a searcher "
                              "proposes single points; repeat a chosen point with --search grid")

@@ -81,12 +81,15 @@ def optuna_plans(options: SweepOptions, state: SweepState, code_version: str) ->
                  f", {len(cut)} interrupted (proposed again first)" if cut else "")
         if remaining <= 0:
             continue
+        from optuna.samplers import TPESampler
+
         from cifar_core.search_optuna import DistinctOptunaSearch
 
         searcher = DistinctOptunaSearch(
             space=DistinctOptunaSearch.convert_search_space(_tune_domains(domains)),
-            metric="val_accuracy", mode="max",
-            seed=options.search_seed, points_to_evaluate=cut or None,
+            metric="val_accuracy", mode="max", points_to_evaluate=cut or None,
+            sampler=TPESampler(seed=options.search_seed,
+                               n_startup_trials=options.search_startup),
             max_epochs=sample.settings.total_epochs)
         for point, value, history in done:
             full = bool(history) and history[-1]["epoch"] >= sample.settings.total_epochs

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "results so far (needs the [search] extra).")
     job.add_argument("--search-seed", type=int, default=0,
                      help="Seed of the random draws and of Optuna's sampler.")
+    job.add_argument("--search-startup", type=int, default=10,
+                     help="optuna: points drawn at random before TPE models the results "
+                          "(Optuna's default 10; fewer for small --num-samples).")
     job.add_argument("--num-samples", type=int, default=1,
                      help="grid: draws per grid point of the ranges; random, optuna: trials "
                           "per model.")
@@ -128,7 +131,7 @@ def options_from_args(args: argparse.Namespace) -> SweepOptions:
         resources=parse_resources(args.resources), max_failures=args.max_failures,
         m7_workers=args.m7_workers, resume=args.resume, s3_endpoint=args.s3_endpoint,
         smoke_test=args.smoke_test, verbose=args.verbose, tracking=args.tracking,
-        search=args.search, search_seed=args.search_seed,
+        search=args.search, search_seed=args.search_seed, search_startup=args.search_startup,
         mlflow_tracking_uri=args.mlflow_tracking_uri)
 
 

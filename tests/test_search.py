@@ -56,6 +56,8 @@ def test_optuna_options_and_missing_extra_fail_naming_the_fix(tmp_path, monkeypa
         options(tmp_path, search="optuna", seeds=2)
     with pytest.raises(SweepError, match="--search 'bayes'"):
         options(tmp_path, search="bayes")
+    with pytest.raises(SweepError, match="--search-startup 0 must be >= 1"):
+        options(tmp_path, search="optuna", search_startup=0)
     monkeypatch.setitem(sys.modules, "optuna", None)  # as if not installed
     grid = grid_file(tmp_path, {"M1": {"learning_rate": [0.01, 0.1]}})
     with pytest.raises(SweepError, match=r'pip install "cifar-fleet\[search\]"'):
