@@ -115,13 +115,17 @@ def ladder_display(board: pd.DataFrame) -> pd.DataFrame:
             "seed notebook": _fmt(row["seed_notebook_accuracy"], "acc"),
             "test_accuracy": _fmt(row.get("test_accuracy"), "acc"),
             "difference": _fmt(row.get("difference_vs_seed"), "diff"),
-            "mean ± std over seeds": _spread(row),
-            "best val_accuracy": _fmt(row.get("best_val_accuracy"), "acc"),
+            "mean ± std over seeds": _spread(row), **_family_columns(row)})
+    return pd.DataFrame(rows)
+
+
+def _family_columns(row) -> dict:
+    """The columns both family tables end with."""
+    return {"best val_accuracy": _fmt(row.get("best_val_accuracy"), "acc"),
             "settings": _settings_text(row),
             "trials": f"{row['evaluated']}/{row['trials']} evaluated",
             "best trial": row["best_trial"] if isinstance(row.get("best_trial"), str) else "—",
-            "compute (all trials)": _compute_text(row)})
-    return pd.DataFrame(rows)
+            "compute (all trials)": _compute_text(row)}
 
 
 def other_experiments_display(board: pd.DataFrame) -> pd.DataFrame:
@@ -130,12 +134,7 @@ def other_experiments_display(board: pd.DataFrame) -> pd.DataFrame:
     for _, row in board[board["variant"] != ""].iterrows():
         rows.append({
             "rank": row["rank"], "model": row["model"], "experiment": row["variant"],
-            "test_accuracy": _fmt(row.get("test_accuracy"), "acc"),
-            "best val_accuracy": _fmt(row.get("best_val_accuracy"), "acc"),
-            "settings": _settings_text(row),
-            "trials": f"{row['evaluated']}/{row['trials']} evaluated",
-            "best trial": row["best_trial"] if isinstance(row.get("best_trial"), str) else "—",
-            "compute (all trials)": _compute_text(row)})
+            "test_accuracy": _fmt(row.get("test_accuracy"), "acc"), **_family_columns(row)})
     return pd.DataFrame(rows)
 
 
