@@ -32,13 +32,20 @@ def classification_summary(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
 
 
 def evaluate(model, data: Cifar10, settings: Settings) -> dict:
-    """Evaluate ``model`` on ``data``'s test split; Keras metric names with a ``test_`` prefix."""
+    """Evaluate ``model`` on ``data``'s test split; Keras metric names with a ``test_`` prefix.
+
+    Test-time augmentation (``tta_level``, M8) lives inside the saved model, so what is
+    evaluated here is what ``cifar score`` and ``cifar serve`` predict; the summary says which.
+    """
+    from cifar_core.fast import describe_tta  # TensorFlow: only once there is a model
+
     test_data = make_dataset(data.x_test, data.y_test, settings, training=False)
     test_loss, test_accuracy = model.evaluate(test_data, verbose=0)
     probabilities = model.predict(test_data, verbose=0)
     summary = classification_summary(data.y_test, probabilities.argmax(axis=1))
     return {"test_loss": float(test_loss), "test_accuracy": float(test_accuracy),
-            "test_images": int(len(data.y_test)), **summary}
+            "test_images": int(len(data.y_test)),
+            "test_time_augmentation": describe_tta(settings.tta_level), **summary}
 
 
 def label_summary(collected: dict[str, list]) -> dict:

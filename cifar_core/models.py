@@ -1,8 +1,9 @@
 """The Keras side of the model ladder: a builder per model id, and the one safe loader.
 
 ``MODELS`` maps a model id to a builder returning an uncompiled Keras model; ``build_model``
-adds the optimizer, loss and metrics. Exact architectures are in
-../shared/docs/model-ladder.md; everything else about a model (seed settings and accuracy,
+adds the optimizer, loss and metrics. Exact architectures of M1-M7 are in
+../shared/docs/model-ladder.md; M8 (not in the notebook) is ``build_m8`` with its pieces in
+``fast.py``; everything else about a model (seed settings and accuracy,
 default grid, GPU share, smoke settings) is data in ``ladder.py``. ``load_checkpoint_model``
 is the only way a checkpoint is loaded. No Ray here.
 """
@@ -19,6 +20,7 @@ import cifar_core  # noqa: F401  (selects tf_keras before TensorFlow loads)
 import tf_keras as keras
 from tf_keras import layers
 
+from cifar_core import fast
 from cifar_core.ladder import LADDER
 from cifar_core.settings import CLASS_NAMES, Settings, SettingsError
 
@@ -30,11 +32,12 @@ class ModelError(ValueError):
     """A model id is unknown or a checkpoint cannot be loaded safely."""
 
 
-def _inputs_and_augmentation(settings: Settings):
+def _inputs_and_augmentation(settings: Settings, shift_interpolation: str = "bilinear"):
     """The input layer and the random augmentation layers the settings ask for.
 
     Keras preprocessing layers are inactive at inference, so a saved model scores unaugmented.
-    Order as the seed's M6: contrast, flip, rotation; then shifts (M7).
+    Order as the seed's M6: contrast, flip, rotation; then shifts (M7; M8 shifts by whole
+    pixels with ``shift_interpolation="nearest"``, as airbench's translations are).
     """
     size = settings.input_size
     inputs = keras.Input(shape=(size, size, 3), name="image")
@@ -47,7 +50,7 @@ def _inputs_and_augmentation(settings: Settings):
         x = layers.RandomRotation(settings.augment_rotation, seed=settings.seed)(x)
     if settings.augment_shift:
         x = layers.RandomTranslation(settings.augment_shift, settings.augment_shift,
-                                     seed=settings.seed)(x)
+                                     interpolation=shift_interpolation, seed=settings.seed)(x)
     return inputs, x
 
 
@@ -149,6 +152,37 @@ def _transfer_model(settings: Settings, backbone: keras.Model, pooling: layers.L
     return keras.Model(inputs, _classifier(x, NUM_CLASSES), name=settings.model)
 
 
+def build_m8(settings: Settings) -> keras.Model:
+    """M8: fast from-scratch VGG (airbench-style): frozen patch whitening, 3 BN conv groups."""
+    inputs, x = _inputs_and_augmentation(settings, shift_interpolation="nearest")
+    if settings.tta_level:
+        x = fast.TestTimeViews(settings.tta_level, name="tta_views")(x)
+    # Frozen when whitening is on: ``initialise_whitening`` sets it from the training images.
+    x = layers.Conv2D(2 * fast.PATCH_SIZE ** 2 * 3, fast.PATCH_SIZE, padding="valid",
+                      trainable=not settings.whitening, name=fast.WHITENING_LAYER)(x)
+    x = layers.Activation("gelu")(x)
+    for width in settings.width_list:
+        # airbench's ConvGroup: conv, pool, BN, GELU, conv, BN, GELU. BN momentum 0.9 (Keras
+        # convention; PyTorch 0.1) as a short run has only a few hundred steps.
+        x = layers.Conv2D(width, 3, padding="same", use_bias=False)(x)
+        x = layers.MaxPooling2D(2)(x)
+        x = layers.BatchNormalization(momentum=0.9)(x)
+        x = layers.Activation("gelu")(x)
+        x = layers.Conv2D(width, 3, padding="same", use_bias=False)(x)
+        x = layers.BatchNormalization(momentum=0.9)(x)
+        x = layers.Activation("gelu")(x)
+    x = layers.GlobalMaxPooling2D()(x)
+    x = layers.Dense(NUM_CLASSES, use_bias=False)(x)
+    x = layers.Rescaling(0.125)(x)  # Page's fixed logit scale: softer logits, steadier BN net
+    x = layers.Activation("softmax", dtype="float32", name="predictions")(x)
+    if settings.tta_level:
+        x = fast.TestTimeMean(settings.tta_level, name="tta_mean")(x)
+    model = keras.Model(inputs, x, name="M8")
+    if settings.dirac_init:
+        fast.dirac_initialise(model)
+    return model
+
+
 MODELS: dict[str, Callable[[Settings], keras.Model]] = {
     "M1": build_m1,
     "M2": build_m2,
@@ -156,6 +190,7 @@ MODELS: dict[str, Callable[[Settings], keras.Model]] = {
     "M5": build_m5,
     "M6": build_m6,
     "M7": build_m7,
+    "M8": build_m8,
 }
 assert list(MODELS) == list(LADDER), "the registry and the ladder must list the same ids"
 
@@ -175,26 +210,39 @@ def resolve_backbone_weights(settings: Settings) -> str | None:
 
 
 def make_optimizer(name: str, learning_rate: float, settings: Settings):
+    # weight_decay only when asked for, so other models' optimizer configs stay as they were.
+    decay = {"weight_decay": settings.weight_decay} if settings.weight_decay else {}
     if name == "adam":
-        return keras.optimizers.Adam(learning_rate=learning_rate)
+        return keras.optimizers.Adam(learning_rate=learning_rate, **decay)
     return keras.optimizers.SGD(learning_rate=learning_rate, momentum=settings.momentum,
-                                nesterov=settings.nesterov)
+                                nesterov=settings.nesterov, **decay)
 
 
 def compile_model(model: keras.Model, settings: Settings, learning_rate: float) -> None:
+    loss = ("categorical_crossentropy" if not settings.label_smoothing else
+            keras.losses.CategoricalCrossentropy(label_smoothing=settings.label_smoothing))
     model.compile(optimizer=make_optimizer(settings.optimizer, learning_rate, settings),
-                  loss="categorical_crossentropy", metrics=["accuracy"],
-                  jit_compile=settings.xla)
+                  loss=loss, metrics=["accuracy"], jit_compile=settings.xla)
 
 
-def build_model(settings: Settings, compile: bool = True) -> keras.Model:
-    """Build (and compile, at the phase-1 learning rate) the model ``settings.model`` names."""
+def build_model(settings: Settings, compile: bool = True,
+                train_images=None) -> keras.Model:
+    """Build (and compile, at the phase-1 learning rate) the model ``settings.model`` names.
+
+    ``train_images`` (uint8, as ``Cifar10.x_train``): layers computed from the training data
+    are set from them (M8's frozen whitening). Training always passes them; without them such
+    a layer keeps its random initial values (only fit for shape checks)."""
     if settings.model not in MODELS:
         raise ModelError(f"unknown model {settings.model!r}; valid models: {sorted(MODELS)}")
     keras.mixed_precision.set_global_policy(
         "mixed_float16" if settings.mixed_precision else "float32")
     keras.utils.set_random_seed(settings.seed)
     model = MODELS[settings.model](settings)
+    if train_images is not None and settings.whitening:
+        from cifar_core.data import preprocess_images  # the inputs exactly as the model sees them
+
+        fast.initialise_whitening(model, preprocess_images(
+            train_images[:fast.WHITENING_IMAGES], settings.input_size).numpy())
     if compile:
         compile_model(model, settings, settings.learning_rate)
     return model
@@ -236,6 +284,10 @@ ALLOWED_KERAS_OBJECTS: dict[str, frozenset[str]] = {
         "BatchNormalization", "ReLU", "Activation", "Add", "Multiply", "Concatenate",
         "ZeroPadding2D", "Rescaling", "Resizing", "RandomContrast", "RandomFlip",
         "RandomRotation", "RandomTranslation"}),
+    # M8's test-time augmentation (cifar_core/fast.py), registered as "cifar_fleet>Name".
+    "cifar_core.fast": frozenset({
+        "TestTimeViews", "TestTimeViews (registered as cifar_fleet>TestTimeViews)",
+        "TestTimeMean", "TestTimeMean (registered as cifar_fleet>TestTimeMean)"}),
     "keras.initializers": frozenset({
         "Constant", "GlorotNormal", "GlorotUniform", "HeNormal", "HeUniform", "Identity",
         "LecunNormal", "LecunUniform", "Ones", "Orthogonal", "RandomNormal", "RandomUniform",

@@ -27,6 +27,10 @@ CLASS_NAMES = (
 )
 
 OPTIMIZERS = ("sgd", "adam")
+LEARNING_RATE_SCHEDULES = ("constant", "linear")
+#: Test-time augmentation levels: 0 none, 1 horizontal flip (2 views), 2 flip x {no shift,
+#: 1-px shift up-left, 1-px shift down-right} (6 views), airbench's levels.
+TTA_LEVELS = (0, 1, 2)
 
 
 class SettingsError(ValueError):
@@ -97,6 +101,32 @@ class Settings:
     mixed_precision: bool = _help("float16 compute with float32 variables (GPUs).",
                                   default=False)
     xla: bool = _help("Compile the train step with XLA (jit_compile).", default=False)
+    label_smoothing: float = _help("Label smoothing of the cross-entropy, in [0, 1) (0 = off).",
+                                   default=0.0)
+    weight_decay: float = _help(
+        "Decoupled weight decay (Keras optimizers' weight_decay: each step w -= lr * wd * w); "
+        "0 = off. With SGD momentum m it matches PyTorch's coupled decay wd * (1 - m).",
+        default=0.0)
+    learning_rate_schedule: str = _help(
+        "'constant', or 'linear': after the warm-up, decay linearly to 0 at the phase's last "
+        "step.", default="constant")
+    warmup_fraction: float = _help(
+        "Fraction of each phase's steps spent warming the rate up linearly from 0, in [0, 1).",
+        default=0.0)
+    ema_decay: float = _help(
+        "Exponential moving average of the weights, per step, in [0, 1) (0 = off); validation, "
+        "checkpoints and the test evaluation use the averaged weights.", default=0.0)
+    widths: str = _help("M8: channels of its conv groups, comma-separated (e.g. '64,256,256'); "
+                        "'' for models with fixed widths.", default="")
+    whitening: bool = _help(
+        "M8: a frozen 2x2 patch-whitening first conv computed from the training images "
+        "(false: the same conv, trainable, randomly initialised).", default=False)
+    dirac_init: bool = _help("M8: identity (Dirac) initialisation of its 3x3 convs.",
+                             default=False)
+    tta_level: int = _help(
+        "Test-time augmentation inside the model: 0 none, 1 horizontal flip (2 views), 2 flip "
+        "and 1-pixel shifts (6 views); the mean of the views' probabilities is the prediction "
+        "in validation, test evaluation, scoring and serving alike.", default=0)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -146,6 +176,11 @@ class Settings:
     def input_size(self) -> int:
         """Side of the square image the model takes, in pixels."""
         return self.image_size or 32
+
+    @property
+    def width_list(self) -> tuple[int, ...]:
+        """``widths`` as integers (empty for models with fixed widths)."""
+        return tuple(int(part) for part in self.widths.split(",")) if self.widths else ()
 
     @property
     def total_epochs(self) -> int:
@@ -198,6 +233,7 @@ class Settings:
             raise SettingsError(
                 f"fine_tune_epochs={self.fine_tune_epochs!r}: only {backbones} have a "
                 "backbone to fine-tune")
+        self._check_recipe()
         self._check_weights()
         if isinstance(self.data, str) and self.data != "keras" and not self.data.startswith("s3://"):
             object.__setattr__(self, "data", os.path.abspath(self.data))  # as for the weights
@@ -227,6 +263,48 @@ class Settings:
             if not ok:
                 raise SettingsError(
                     f"{f.name}={value!r} has type {type(value).__name__}, expected {f.type}")
+
+    def _check_recipe(self) -> None:
+        """The fast-training recipe's fields (M8's, most of them usable by any model)."""
+        for name in ("label_smoothing", "warmup_fraction", "ema_decay"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and 0 <= value < 1):
+                raise SettingsError(f"{name}={value!r} must be in [0, 1)")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise SettingsError(
+                f"weight_decay={self.weight_decay!r} must be a finite number >= 0")
+        if self.learning_rate_schedule not in LEARNING_RATE_SCHEDULES:
+            raise SettingsError(f"learning_rate_schedule={self.learning_rate_schedule!r} must be "
+                                f"one of {LEARNING_RATE_SCHEDULES}")
+        scheduled = self.learning_rate_schedule != "constant" or self.warmup_fraction > 0
+        if scheduled and self.reduce_lr_patience:
+            raise SettingsError(
+                f"reduce_lr_patience={self.reduce_lr_patience!r} cannot be combined with "
+                f"learning_rate_schedule={self.learning_rate_schedule!r}/warmup_fraction="
+                f"{self.warmup_fraction!r}: both would set the learning rate")
+        if self.ema_decay and self.early_stopping_patience:
+            raise SettingsError(
+                f"ema_decay={self.ema_decay!r} cannot be combined with early_stopping_patience="
+                f"{self.early_stopping_patience!r}: both restore weights at the end of training")
+        if self.tta_level not in TTA_LEVELS:
+            raise SettingsError(f"tta_level={self.tta_level!r} must be one of {TTA_LEVELS}")
+        try:
+            widths = self.width_list
+        except ValueError:
+            widths = (0,)
+        if any(width < 1 for width in widths):
+            raise SettingsError(f"widths={self.widths!r} must be positive integers separated "
+                                "by commas, e.g. '64,256,256'")
+        reads = LADDER[self.model].architecture_settings
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in ("widths", "whitening", "dirac_init", "tta_level"):
+            if getattr(self, name) != defaults[name] and name not in reads:
+                readers = [m for m, r in LADDER.items() if name in r.architecture_settings]
+                raise SettingsError(f"{name}={getattr(self, name)!r}: only {readers} read "
+                                    f"{name}; model {self.model} has no such option")
+        if "widths" in reads and not widths:
+            raise SettingsError(f"widths={self.widths!r}: model {self.model} needs its conv "
+                                "widths, e.g. '64,256,256'")
 
     def _check_weights(self) -> None:
         weights = self.backbone_weights

@@ -33,7 +33,7 @@ from typing import Any, Callable
 import cifar_core  # noqa: F401  (selects tf_keras before TensorFlow loads)
 import tf_keras as keras
 
-from cifar_core import storage
+from cifar_core import fast, storage
 from cifar_core.data import Cifar10, make_dataset
 from cifar_core.evaluate import evaluate
 from cifar_core.models import (build_model, compile_model, load_checkpoint_model,
@@ -140,7 +140,7 @@ def train(settings: Settings, data: Cifar10, workdir: str | Path, *,
     # A strategy's scope object can be entered only once, so each ``with`` gets a fresh one.
     scope = strategy.scope if strategy is not None else _null_scope
     with scope():
-        model, state = _start(settings, workdir, resume_from)
+        model, state = _start(settings, workdir, resume_from, data.x_train)
     train_data = make_dataset(data.x_train, data.y_train, settings, training=True)
     val_data = make_dataset(data.x_val, data.y_val, settings, training=False)
     if strategy is not None:
@@ -165,14 +165,15 @@ def train(settings: Settings, data: Cifar10, workdir: str | Path, *,
     return TrainResult(workdir, state, evaluation)
 
 
-def _start(settings: Settings, workdir: Path, resume_from: str | Path | None):
-    """(model, state): a new model, or the one in ``resume_from`` (default: the workdir's
-    own last checkpoint), copied into this workdir when it came from elsewhere."""
+def _start(settings: Settings, workdir: Path, resume_from: str | Path | None, train_images):
+    """(model, state): a new model (its data-derived layers set from ``train_images``), or the
+    one in ``resume_from`` (default: the workdir's own last checkpoint), copied into this
+    workdir when it came from elsewhere."""
     last = workdir / CHECKPOINTS_DIR / LAST
     if resume_from is None and (last / storage.STATE_FILE).exists():
         resume_from = last
     if resume_from is None:
-        return build_model(settings), TrainState()
+        return build_model(settings, train_images=train_images), TrainState()
     resume_from = Path(resume_from)
     state = TrainState.read(resume_from)
     model = load_checkpoint_model(resume_from / MODEL_FILE)
@@ -211,7 +212,15 @@ def _run_phase(model: keras.Model, phase: Phase, checkpointer: "EpochCheckpoint"
         callbacks.append(keras.callbacks.ReduceLROnPlateau(
             monitor="val_loss", factor=settings.reduce_lr_factor,
             patience=settings.reduce_lr_patience, verbose=0))
-    callbacks.append(checkpointer)  # last: sees the learning rate and stop flag they set
+    if settings.learning_rate_schedule != "constant" or settings.warmup_fraction:
+        callbacks.append(fast.WarmupLinearDecay(
+            phase.learning_rate, phase.epochs, settings.warmup_fraction,
+            decay=settings.learning_rate_schedule == "linear"))
+    callbacks.append(checkpointer)  # sees the learning rate and stop flag the others set
+    if settings.ema_decay:
+        # After the checkpointer: validation and the epoch's checkpoint see the average, then
+        # the raw weights come back for the next epoch (fast.WeightAverage).
+        callbacks.append(fast.WeightAverage(settings.ema_decay))
     remaining = phase.epochs - state.phase_epochs
     if remaining > 0:
         train_data, val_data = datasets

@@ -16,6 +16,7 @@ PARAMETERS = {
     "M5": (15_241_802, 527_114),      # VGG16 base (14,714,688) frozen
     "M6": (1_672_906, 1_672_010),     # BatchNorm moving statistics are not trainable
     "M7": (2_588_490, 330_506),       # MobileNetV2 base (2,257,984) frozen
+    "M8": (796_280, 794_496),         # 48/160/160; frozen whitening (312) and BN statistics
 }
 
 
@@ -28,7 +29,7 @@ def seed_settings(name: str) -> Settings:
 
 
 def test_registry_lists_the_ladder():
-    assert sorted(MODELS) == ["M1", "M2", "M4", "M5", "M6", "M7"]
+    assert sorted(MODELS) == ["M1", "M2", "M4", "M5", "M6", "M7", "M8"]
     assert all(builder.__doc__ for builder in MODELS.values())
     assert list(LADDER) == list(MODELS)
 

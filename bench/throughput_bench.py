@@ -1,0 +1,245 @@
+"""Throughput on this machine: what TensorFlow sustains, and what training gets of it.
+
+    python bench/throughput_bench.py --data DIR            # the real run, on a quiet machine:
+                                                            # ~15 min on 2 cores; writes
+                                                            # results/bench-throughput.{json,md}
+    python bench/throughput_bench.py --quick --out /tmp/tp # plumbing check, ~3 min, synthetic
+                                                            # images unless --data is given
+
+DIR is CIFAR-10 as ``cifar train --data`` takes it (default: $CIFAR10_DATA).
+
+1. Sustained fp32 GFLOP/s of a large matmul (2 n^3 FLOPs) and of a 3x3 conv (2 B H W Cin Cout 9)
+   in the installed TensorFlow, with ``--threads`` intra/inter-op threads: a ``cifar train`` run
+   leaves TensorFlow's defaults (all cores: the default here), a Tune trial gets its Ray CPUs
+   (``ray_glue.limit_threads_to_ray_cpus``: 1 by default, so try ``--threads 1`` too).
+2. Each model's FLOPs per image, counted by TensorFlow's graph profiler
+   (``tf.compat.v1.profiler``, float_operation) on the model's forward pass: training forward
+   (one view, augmentation and BatchNorm in training mode) x 3 for forward + backward, and the
+   inference forward (M8's test-time augmentation included: 6 views).
+3. Training images/s of M1, M4, M6 and M8 at their seed batch sizes: ``cifar_core.train.train``
+   (tf.data from uint8, callbacks, a checkpoint per epoch) and a plain Keras ``fit`` of the same
+   model on preloaded float tensors, both on the same ``--images`` training images with the
+   same small validation split, timed over the last of ``--epochs`` epochs (the first one
+   traces). With the FLOP counts this gives the GFLOP/s each reaches.
+
+Numbers from a machine shared with other work are not results: only an uncontended run
+writes into results/ (``--quick`` requires ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from common import add_data_argument, write_results
+
+import cifar_core  # noqa: F401  (tf_keras before TensorFlow)
+import numpy as np
+
+MODELS = ("M1", "M4", "M6", "M8")
+NAME = "bench-throughput"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_data_argument(parser, required=False)
+    parser.add_argument("--quick", action="store_true",
+                        help="Tiny sizes, 1 s per kernel; needs --out (never results/).")
+    parser.add_argument("--out", help="Write <out>/bench-throughput.{json,md} here instead "
+                        "of results/ (for runs on a contended machine).")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="TensorFlow intra- and inter-op threads (default: all cores).")
+    parser.add_argument("--images", type=int, default=10000,
+                        help="Training images per model run (a stratified --limit subset).")
+    parser.add_argument("--epochs", type=int, default=2, help="Epochs; the last is timed.")
+    parser.add_argument("--seconds", type=float, default=10.0, help="Seconds per kernel.")
+    parser.add_argument("--models", default=",".join(MODELS))
+    args = parser.parse_args()
+    if args.quick:
+        if not args.out:
+            parser.error("--quick writes only with --out (e.g. --out /tmp/tp), never results/")
+        args.images, args.epochs, args.seconds = min(args.images, 1100), 2, 1.0
+    return args
+
+
+def set_threads(threads: int) -> None:
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+
+
+def sustained_gflops(step, flops_per_call: float, seconds: float) -> dict:
+    """Call ``step`` (a traced tf.function) until ``seconds`` pass; GFLOP/s of the median call."""
+    step().numpy()  # trace and warm up
+    times, start = [], time.perf_counter()
+    while time.perf_counter() - start < seconds or len(times) < 3:
+        began = time.perf_counter()
+        step().numpy()
+        times.append(time.perf_counter() - began)
+    median = float(np.median(times))
+    return {"gflops": flops_per_call / median / 1e9, "call_s": median, "calls": len(times)}
+
+
+def kernel_rates(quick: bool, seconds: float) -> dict:
+    import tensorflow as tf
+
+    n = 1024 if quick else 4096
+    a, b = tf.random.normal([n, n]), tf.random.normal([n, n])
+    matmul = tf.function(lambda: tf.reduce_sum(tf.matmul(a, b)))
+    batch, size, channels = (16, 32, 64) if quick else (128, 32, 128)
+    images = tf.random.normal([batch, size, size, channels])
+    kernel = tf.random.normal([3, 3, channels, channels])
+    conv = tf.function(lambda: tf.reduce_sum(tf.nn.conv2d(images, kernel, 1, "SAME")))
+    return {
+        "matmul": {"shape": [n, n, n], **sustained_gflops(matmul, 2 * n ** 3, seconds)},
+        "conv3x3": {"shape_nhwc": [batch, size, size, channels], "filters": channels,
+                    **sustained_gflops(conv, 2 * batch * size * size * channels ** 2 * 9,
+                                       seconds)}}
+
+
+def counted_flops(model, size: int, training: bool) -> int:
+    """FLOPs of one image's forward pass, counted by TensorFlow's graph profiler.
+
+    Profiles the traced graph as it is: freezing it to constants first fails on the
+    augmentation layers' stateful random ops (RngReadAndSkip takes a resource)."""
+    import tensorflow as tf
+
+    @tf.autograph.experimental.do_not_convert
+    def forward(images):
+        return model(images, training=training)
+
+    concrete = tf.function(forward).get_concrete_function(
+        tf.TensorSpec([1, size, size, 3], tf.float32))
+    options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+    options["output"] = "none"
+    profile = tf.compat.v1.profiler.profile(graph=concrete.graph, cmd="op", options=options)
+    return int(profile.total_float_ops)
+
+
+def load_data(args: argparse.Namespace, settings):
+    """The real data (a --limit subset), or synthetic uint8 images in --quick without --data."""
+    from cifar_core.data import Cifar10, load_cifar10
+
+    if args.data:
+        return load_cifar10(settings)
+    rng = np.random.default_rng(0)
+    count = settings.limit
+    val = max(10, round(count * settings.validation_fraction))
+    x = rng.integers(0, 256, (count + val + 100, 32, 32, 3), dtype=np.uint8)
+    y = np.arange(len(x)) % 10
+    return Cifar10(x[:count], y[:count], x[count:count + val], y[count:count + val],
+                   x[-100:], y[-100:], source="synthetic")
+
+
+def model_settings(model: str, args: argparse.Namespace):
+    from cifar_core.settings import Settings
+
+    # A small validation split: both timings include it, but it should not dominate.
+    return Settings.from_dict({"model": model, "data": args.data or "keras",
+                               "limit": args.images, "validation_fraction": 0.05,
+                               "num_epochs": args.epochs})
+
+
+def time_train(settings, data) -> float:
+    """Training images/s of the last epoch of ``cifar_core.train.train``."""
+    from cifar_core.train import read_metrics, train
+
+    with tempfile.TemporaryDirectory(prefix="cifar-bench-") as workdir:
+        train(settings, data, workdir, evaluate_test=False)
+        seconds = read_metrics(workdir)[-1]["epoch_time_s"]
+    return len(data.y_train) / seconds
+
+
+def time_plain_fit(settings, data) -> float:
+    """Training images/s of the last epoch of a plain ``fit`` on preloaded float tensors."""
+    import tensorflow as tf
+    import tf_keras as keras
+
+    from cifar_core.data import preprocess_images
+    from cifar_core.models import build_model
+
+    model = build_model(settings, train_images=data.x_train)
+    x, x_val = (preprocess_images(v, settings.input_size) for v in (data.x_train, data.x_val))
+    y, y_val = (tf.one_hot(v, 10) for v in (data.y_train, data.y_val))
+    times: list[float] = []
+    clock = keras.callbacks.LambdaCallback(
+        on_epoch_begin=lambda epoch, logs: times.append(time.perf_counter()),
+        on_epoch_end=lambda epoch, logs: times.append(time.perf_counter() - times.pop()))
+    model.fit(x, y, batch_size=settings.batch_size, epochs=settings.num_epochs,
+              validation_data=(x_val, y_val), callbacks=[clock], verbose=0)
+    return len(data.y_train) / times[-1]
+
+
+def measure_model(model: str, args: argparse.Namespace) -> dict:
+    from cifar_core.models import build_model
+
+    settings = model_settings(model, args)
+    data = load_data(args, settings)
+    network = build_model(settings, compile=False)
+    forward = counted_flops(network, settings.input_size, training=True)
+    inference = counted_flops(network, settings.input_size, training=False)
+    train_rate, fit_rate = time_train(settings, data), time_plain_fit(settings, data)
+    per_image = 3 * forward
+    return {"model": model, "batch_size": settings.batch_size, "parameters":
+            network.count_params(), "train_images": len(data.y_train),
+            "validation_images": len(data.y_val), "forward_flops": forward,
+            "train_flops_per_image": per_image, "inference_flops_per_image": inference,
+            "train_images_per_s": train_rate, "fit_images_per_s": fit_rate,
+            "train_gflops": train_rate * per_image / 1e9,
+            "fit_gflops": fit_rate * per_image / 1e9}
+
+
+def render(payload: dict) -> str:
+    kernels = payload["kernels"]
+    lines = [f"# Training throughput ({payload['threads']} TensorFlow threads)", "",
+             f"Sustained fp32: matmul {kernels['matmul']['gflops']:.1f} GFLOP/s "
+             f"({'x'.join(map(str, kernels['matmul']['shape']))}), 3x3 conv "
+             f"{kernels['conv3x3']['gflops']:.1f} GFLOP/s (NHWC "
+             f"{'x'.join(map(str, kernels['conv3x3']['shape_nhwc']))}).", "",
+             "| model | batch | params | train MFLOP/img (counted, 3x fwd) | inference MFLOP/img "
+             "| train() img/s | plain fit img/s | train() GFLOP/s | fit GFLOP/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in payload["models"]:
+        lines.append(
+            f"| {row['model']} | {row['batch_size']} | {row['parameters']:,} | "
+            f"{row['train_flops_per_image'] / 1e6:.1f} | "
+            f"{row['inference_flops_per_image'] / 1e6:.1f} | {row['train_images_per_s']:.0f} | "
+            f"{row['fit_images_per_s']:.0f} | {row['train_gflops']:.1f} | "
+            f"{row['fit_gflops']:.1f} |")
+    lines += ["", f"Images/s: last of {payload['epochs']} epochs over {payload['data']} "
+              "training images, validation included (5% split; M8 validates with its 6-view "
+              "TTA). Data: " + payload["source"] + (" (--quick: not a result)"
+                                                     if payload["quick"] else "") + "."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = parse_args()
+    set_threads(args.threads)
+    payload = {"threads": args.threads, "quick": args.quick, "epochs": args.epochs,
+               "data": args.images, "source": args.data or "synthetic uint8 noise",
+               "kernels": kernel_rates(args.quick, args.seconds), "models": []}
+    for model in args.models.split(","):
+        payload["models"].append(measure_model(model, args))
+        print(json.dumps(payload["models"][-1]), flush=True)
+    table = render(payload)
+    if args.out is None:
+        print(f"wrote {write_results(NAME, payload, table)}")
+        return
+    from cifar_core.provenance import provenance
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    payload["provenance"] = provenance()
+    (out / f"{NAME}.json").write_text(json.dumps(payload, indent=1, default=str))
+    (out / f"{NAME}.md").write_text(table + "\n")
+    print(f"wrote {out / (NAME + '.md')}")
+
+
+if __name__ == "__main__":
+    main()
