@@ -229,6 +229,7 @@ def test_runs_as_a_tune_trial_with_its_own_workers(ray_cluster, m4_data, s3_buck
     """A sweep cell trained by a 2-worker Train run inside a Tune trial; records go to s3."""
     from ray import tune
 
+    from cifar_core.search import CellBook
     from cifar_core.sweep import run_trial
 
     settings = Settings.from_dict({**M4_SMALL, "data": m4_data.source, "num_epochs": 3})
@@ -238,7 +239,7 @@ def test_runs_as_a_tune_trial_with_its_own_workers(ray_cluster, m4_data, s3_buck
                               workers={"num_workers": 2, "cpus_per_worker": 0.5,
                                        "max_failures": 0, "scratch_dir": str(tmp_path)})}
     tuner = tune.Tuner(
-        tune.with_parameters(run_trial, data=m4_data, cells=cells),  # trial: 1 CPU
+        tune.with_parameters(run_trial, data=m4_data, book=CellBook(cells)),  # trial: 1 CPU
         param_space={"trial_id": "M4-cell0"},
         run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), name="sweep"))
     results = tuner.fit()
