@@ -166,17 +166,21 @@ def _run_plan(plan: TunePlan, options: SweepOptions, data):
             verbose=1 if options.verbose else 0))
     # Tune's legacy reporter prints nothing at verbose=0; the new one prints its experiment
     # table whatever `verbose` says (ray/tune/experimental/output.py,
-    # TuneTerminalReporter.experiment_started). Tune reads the switch in fit().
-    earlier = os.environ.get("RAY_AIR_NEW_OUTPUT")
-    if not options.verbose:
-        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    # TuneTerminalReporter.experiment_started). And Tune warns, three lines at a time, that
+    # per-epoch checkpoints make it snapshot its state often (experiment_state.py): true and
+    # intended here. Tune reads both switches in fit().
+    quiet = {} if options.verbose else {
+        "RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
+    earlier = {name: os.environ.get(name) for name in quiet}
+    os.environ.update(quiet)
     try:
         results = tuner.fit()
     finally:
-        if earlier is None:
-            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
-        else:
-            os.environ["RAY_AIR_NEW_OUTPUT"] = earlier
+        for name, value in earlier.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     return record_unfinished(results, book, getattr(scheduler, "stopped", set()),
                              options.storage)
 
