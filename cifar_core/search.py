@@ -69,9 +69,9 @@ def optuna_plans(options: SweepOptions, state: SweepState, code_version: str) ->
         raise SweepError('--search optuna needs Optuna: pip install "cifar-fleet[search]"'
                          ) from None
     plans = []
+    resume = {i: c.uri for i, c in state.checkpoints.items()}
     for model in options.models:
         fixed, domains = split_space(model_space(options, model), model)
-        resume = {i: c.uri for i, c in state.checkpoints.items()}
         make = partial(_cell_of_point, options, model, fixed, code_version, resume)
         sample = make(_lowest_point(domains))  # validates the settings now, not in a trial
         done, cut = _earlier_points(state, domains, make)
