@@ -358,11 +358,20 @@ def download_s3_prefix(uri: str, endpoint: str | None = None, workers: int = 16)
         local.parent.mkdir(parents=True, exist_ok=True)
         client.download_file(bucket, obj["Key"], str(local))
 
-    with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(fetch, [o for o in objects if not o["Key"].endswith("/")]))
-    (staging / ".complete").touch()
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(staging, target)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(fetch, [o for o in objects if not o["Key"].endswith("/")]))
+        (staging / ".complete").touch()
+        # The target only ever appears whole (a renamed complete staging folder), so nothing
+        # is deleted here: another process may be reading it.
+        try:
+            os.rename(staging, target)
+        except OSError:  # another process (a second Train worker) finished the same copy first
+            if not (target / ".complete").exists():
+                raise StorageError(f"{uri}: cache folder {target} exists but is incomplete; "
+                                   "delete it and run again") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
@@ -377,9 +386,16 @@ def download_s3_file(uri: str, endpoint: str | None = None) -> Path:
     digest = hashlib.sha256(f"{uri}\0{head.get('ETag', '')}".encode()).hexdigest()[:24]
     target = cache_dir("s3-files", digest) / Path(key).name
     if not target.exists():
-        partial = target.with_name(target.name + ".partial")
-        client.download_file(bucket, key, str(partial))
-        os.replace(partial, target)
+        # A name of its own per download: the Train workers of one host fetch the same
+        # weights at the same moment, and a shared ".partial" name was renamed away under one.
+        handle, partial = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".",
+                                           suffix=".partial")
+        os.close(handle)
+        try:
+            client.download_file(bucket, key, partial)
+            os.replace(partial, target)
+        finally:
+            Path(partial).unlink(missing_ok=True)
     return target
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -77,6 +79,34 @@ def test_reads_stop_at_the_cap_locally_and_on_s3(tmp_path, s3_bucket):
         assert storage.read_bytes(uri, max_bytes=1000) == b"x" * 1000
         with pytest.raises(storage.StorageError, match="more than 999 bytes"):
             storage.read_bytes(uri, max_bytes=999)
+
+
+def test_simultaneous_downloads_of_one_object_or_prefix_all_succeed(tmp_path, s3_bucket,
+                                                                     monkeypatch):
+    # The Train workers of one host fetch the same s3:// weights at the same moment (a CI run
+    # lost a worker to a shared ".partial" name renamed away under it).
+    monkeypatch.setenv("CIFAR_FLEET_CACHE", str(tmp_path / "cache"))
+    blob = tmp_path / "src" / "weights.h5"
+    blob.parent.mkdir()
+    blob.write_bytes(bytes(range(256)) * 8192)  # 2 MiB: several multipart chunks
+    (tmp_path / "src" / "b.txt").write_text("b")
+    storage.upload_tree(blob.parent, f"s3://{s3_bucket}/w")
+    copies = 6
+    start = threading.Barrier(copies)
+
+    def at_once(fetch):
+        start.wait(timeout=30)
+        return fetch()
+
+    with ThreadPoolExecutor(copies) as pool:
+        files = list(pool.map(at_once, [lambda: storage.download_s3_file(
+            f"s3://{s3_bucket}/w/weights.h5")] * copies))
+        folders = list(pool.map(at_once, [lambda: storage.download_s3_prefix(
+            f"s3://{s3_bucket}/w")] * copies))
+    assert len(set(files)) == 1 and files[0].read_bytes() == blob.read_bytes()
+    assert len(set(folders)) == 1 and (folders[0] / "weights.h5").read_bytes() == blob.read_bytes()
+    assert sorted(p.name for p in files[0].parent.iterdir()) == ["weights.h5"]
+    assert sorted(p.name for p in folders[0].parent.iterdir()) == [folders[0].name]
 
 
 def _tree(root: Path, files: dict[str, str]) -> Path:
