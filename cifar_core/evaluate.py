@@ -14,15 +14,30 @@ from cifar_core.settings import CLASS_NAMES, Settings
 
 def classification_summary(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
     """Accuracy, confusion matrix (rows = true class) and per-class metrics, JSON-ready."""
-    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+    classes = len(CLASS_NAMES)
+    pairs = np.asarray(y_true, dtype=np.int64) * classes + np.asarray(y_pred, dtype=np.int64)
+    return confusion_summary(np.bincount(pairs, minlength=classes * classes).reshape(
+        classes, classes))
 
-    labels = list(range(len(CLASS_NAMES)))
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=0)
+
+def confusion_summary(matrix: np.ndarray) -> dict:
+    """``classification_summary`` from a confusion matrix (rows = true class), so a job can
+    count predictions as they stream by. Precision, recall and F1 as scikit-learn's
+    ``precision_recall_fscore_support(zero_division=0)`` computes them."""
+    matrix = np.asarray(matrix, dtype=np.int64)
+    true_positives = np.diag(matrix).astype(np.float64)
+    predicted, support = matrix.sum(axis=0), matrix.sum(axis=1)
+
+    def ratio(top, bottom):
+        return np.divide(top, bottom, out=np.zeros_like(top), where=bottom > 0)
+
+    precision, recall = ratio(true_positives, predicted), ratio(true_positives, support)
+    f1 = ratio(2 * true_positives, (predicted + support).astype(np.float64))
+    total = int(matrix.sum())
     return {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "accuracy": float(true_positives.sum() / total) if total else 0.0,
         "class_names": list(CLASS_NAMES),
-        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+        "confusion_matrix": matrix.tolist(),
         "per_class": {
             name: {"precision": float(precision[i]), "recall": float(recall[i]),
                    "f1": float(f1[i]), "support": int(support[i])}
@@ -46,17 +61,3 @@ def evaluate(model, data: Cifar10, settings: Settings) -> dict:
     return {"test_loss": float(test_loss), "test_accuracy": float(test_accuracy),
             "test_images": int(len(data.y_test)),
             "test_time_augmentation": describe_tta(settings.tta_level), **summary}
-
-
-def label_summary(collected: dict[str, list]) -> dict:
-    """Accuracy and confusion matrix over the files whose label is known and which scored ok."""
-    index = {name: i for i, name in enumerate(CLASS_NAMES)}
-    pairs = [(index[label], index[predicted]) for label, predicted, status in zip(
-        collected["label"], collected["predicted_class"], collected["status"])
-        if label and status == "ok"]
-    labelled = sum(1 for label in collected["label"] if label)
-    if not pairs:
-        return {"labelled_files": labelled, "scored": 0, "accuracy": None}
-    y_true, y_pred = (np.array(values) for values in zip(*pairs))
-    return {"labelled_files": labelled, "scored": len(pairs),
-            **classification_summary(y_true, y_pred)}

@@ -31,6 +31,10 @@ OK, ERROR, PENDING = "ok", "error", "pending"
 DEFAULT_MAX_FILE_BYTES = 64 * 2**20
 #: Threads per read task for s3:// objects (each GET waits ~10-50 ms on the network).
 S3_READ_THREADS = 16
+#: A read task's block: at most this many files and this many bytes of them (a block of 256
+#: files at the 64 MiB file cap would otherwise hold 16 GiB in one task).
+FILES_PER_TASK = 256
+BLOCK_BYTES = 64 * 2**20
 
 
 class ListingError(ValueError):
@@ -43,30 +47,40 @@ COLUMNS = ["path", "source", "size", "label", "status", "error"]
 
 
 def list_source(src: str, limit: int | None = None, endpoint: str | None = None):
-    """A DataFrame with one row per file under SRC (``COLUMNS``).
-
-    Files that must not be read (escaping symlinks, special files, unlistable folders) are
-    already ``error`` here; the rest are ``pending``. Sorted by path; ``limit`` keeps the first N.
-    """
+    """A DataFrame with one row per file under SRC (``COLUMNS``), sorted by path; ``limit``
+    keeps the first N. For small folders and tests: a scoring job streams ``iter_source``."""
     import pandas as pd
 
-    if storage.is_s3(src):
-        rows = _list_s3(src, endpoint)
-    else:
+    check_source(src, endpoint)
+    rows = sorted(iter_source(src, endpoint), key=lambda row: row["path"])[:limit]
+    listing = pd.DataFrame(rows, columns=COLUMNS)
+    listing["size"] = listing["size"].astype("int64")
+    return listing
+
+
+def check_source(src: str, endpoint: str | None = None) -> None:
+    """``ListingError`` unless SRC exists, is a folder (or s3:// prefix) and holds a file.
+    Stops at the first file, so it costs the same for ten files or a million."""
+    if not storage.is_s3(src):
         root = Path(src)
         if not root.exists():
             raise ListingError(f"SRC {src!r} does not exist")
         if not root.is_dir():
             raise ListingError(f"SRC {src!r} is not a folder")
-        rows = _list_local(root)
-    if not rows:
+    if next(iter_source(src, endpoint), None) is None:
         raise ListingError(f"SRC {src!r} holds no files")
-    rows.sort(key=lambda row: row["path"])
-    if limit is not None:
-        rows = rows[:limit]
-    listing = pd.DataFrame(rows, columns=COLUMNS)
-    listing["size"] = listing["size"].astype("int64")
-    return listing
+
+
+def iter_source(src: str, endpoint: str | None = None):
+    """Row dicts (``COLUMNS``), one per file under SRC, streamed in a fixed order: a local
+    folder walked with each folder's entries sorted by name, an s3:// prefix in key order,
+    1,000 keys a request. Files that must not be read (escaping symlinks, special files,
+    unlistable folders) are already ``error``; the rest are ``pending``. Nothing is held but
+    the folder being walked, so memory does not grow with the number of files."""
+    if storage.is_s3(src):
+        yield from _iter_s3(src, endpoint)
+    else:
+        yield from _iter_local(Path(src))
 
 
 def _row(path: str, relative: str, size: int = 0, error: str = "") -> dict:
@@ -96,64 +110,88 @@ def inside(path: str, root: str) -> bool:
     return os.path.commonpath([path, root]) == root
 
 
-def _list_local(root: Path) -> list[dict]:
+def _iter_local(root: Path):
     root_real = os.path.realpath(root)
-    rows: list[dict] = []
+    unlistable_rows: list[dict] = []
 
     def unlistable(error: OSError) -> None:
         # A folder we cannot list still gets a row, so its files are not silently missing.
         path = error.filename or "?"
-        rows.append(_row(str(path), os.path.relpath(path, root),
-                         error=f"unreadable folder: {error.strerror or error}"))
+        unlistable_rows.append(_row(str(path), os.path.relpath(path, root),
+                                    error=f"unreadable folder: {error.strerror or error}"))
 
     # followlinks=False: a symlinked folder is never descended into (no loops, no escapes).
     for folder, folders, files in os.walk(root, followlinks=False, onerror=unlistable):
+        yield from unlistable_rows
+        unlistable_rows.clear()
+        folders.sort()  # walked in name order: the same run after run
         for name in folders:
             path = os.path.join(folder, name)
             if os.path.islink(path) and not inside(os.path.realpath(path), root_real):
-                rows.append(_row(path, os.path.relpath(path, root),
-                                 error="symlink outside SRC: not followed"))
-        for name in files:
+                yield _row(path, os.path.relpath(path, root),
+                           error="symlink outside SRC: not followed")
+        for name in sorted(files):
             path = os.path.join(folder, name)
             relative = os.path.relpath(path, root)
             if os.path.islink(path):
                 target = os.path.realpath(path)
                 if not inside(target, root_real):
-                    rows.append(_row(path, relative, error="symlink outside SRC: not followed"))
+                    yield _row(path, relative, error="symlink outside SRC: not followed")
                     continue
             try:
                 info = os.stat(path)  # follows a symlink that stays inside SRC
             except OSError as error:
-                rows.append(_row(path, relative, error=f"unreadable: {error.strerror}"))
+                yield _row(path, relative, error=f"unreadable: {error.strerror}")
                 continue
             if not stat.S_ISREG(info.st_mode):
-                rows.append(_row(path, relative, error="not a regular file: not opened"))
+                yield _row(path, relative, error="not a regular file: not opened")
                 continue
-            rows.append(_row(path, relative, size=info.st_size))
-    return rows
+            yield _row(path, relative, size=info.st_size)
+    yield from unlistable_rows
 
 
-def _list_s3(src: str, endpoint: str | None) -> list[dict]:
+def _iter_s3(src: str, endpoint: str | None):
+    bucket, prefix = storage.split_s3(src)
     try:
-        objects = list(storage.iter_s3(src.rstrip("/"), endpoint))
+        for obj in storage.iter_s3(src.rstrip("/"), endpoint):
+            key = obj["Key"]
+            if key.endswith("/"):
+                continue  # a "folder" marker object, not a file
+            relative = key[len(prefix):].lstrip("/") if prefix else key
+            yield _row(f"s3://{bucket}/{key}", relative, size=int(obj.get("Size", 0)))
     except storage.StorageError as error:
         raise ListingError(f"SRC {src!r}: {error}") from error
     except storage.s3_errors() as error:  # access denied, endpoint unreachable, ...
+        if storage.unreachable(error):  # the store is down: the job's problem, not SRC's
+            raise storage.Unreachable(f"listing {src}: {one_line(error)}") from error
         raise ListingError(f"SRC {src!r}: cannot list ({error})") from error
-    bucket, prefix = storage.split_s3(src)
-    rows = []
-    for obj in objects:
-        key = obj["Key"]
-        if key.endswith("/"):
-            continue  # a "folder" marker object, not a file
-        relative = key[len(prefix):].lstrip("/") if prefix else key
-        rows.append(_row(f"s3://{bucket}/{key}", relative, size=int(obj.get("Size", 0))))
-    return rows
+
+
+def blocks(sizes: list[int]) -> list[tuple[int, int]]:
+    """(start, end) of consecutive blocks of files: <= FILES_PER_TASK files, and <= BLOCK_BYTES
+    of them unless one file alone is larger."""
+    found, start, held = [], 0, 0
+    for index, size in enumerate(sizes):
+        if index > start and (index - start >= FILES_PER_TASK or held + size > BLOCK_BYTES):
+            found.append((start, index))
+            start, held = index, 0
+        held += size
+    return found + [(start, len(sizes))] if sizes else found
 
 
 def read_files(batch: dict[str, np.ndarray], root: str, max_file_bytes: int,
-               endpoint: str | None = None) -> dict[str, np.ndarray]:
-    """Ray Data stage: add ``bytes`` (and ``read_s``) for every pending row; never raises."""
+               endpoint: str | None = None):
+    """Ray Data stage: add ``bytes`` (and ``read_s``) for every pending row; never raises.
+    Yields one batch per ``blocks`` range, so a task holds at most BLOCK_BYTES of files
+    beyond what Ray Data has already taken (it cuts blocks at ``target_max_block_size``)."""
+    sizes = [s if s <= max_file_bytes else 0 for s in np.asarray(batch["size"]).tolist()]
+    for start, end in blocks(sizes):
+        yield _read_block({name: values[start:end] for name, values in batch.items()}, root,
+                          max_file_bytes, endpoint)
+
+
+def _read_block(batch: dict[str, np.ndarray], root: str, max_file_bytes: int,
+                endpoint: str | None) -> dict[str, np.ndarray]:
     paths, sizes = [os.fsdecode(bytes(s)) for s in batch["source"]], batch["size"]
     status = np.array(batch["status"], dtype=object)
     errors = np.array(batch["error"], dtype=object)

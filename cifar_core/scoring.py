@@ -1,22 +1,26 @@
 """Batch scoring: classify every file under a folder (local or ``s3://``) with a trained model.
 
-The pipeline is one Ray Data dataset, streamed:
+The pipeline is one Ray Data dataset, streamed end to end:
 
-    list files (driver, ``listing.py``) -> read bytes -> decode to 32x32 (``images.py``, tasks)
-        -> batch -> ``Predictor`` (callable class: the model loaded once per actor)
-        -> write (driver: one CSV and/or Parquet file, replaced atomically) + summary JSON
+    list files (one task, ``score_source.py``: blocks as the walk goes)
+        -> read bytes -> decode to 32x32 (``listing.py``, ``images.py``; tasks)
+        -> ``Predictor`` (the model loaded once: in the driver, or in actors for GPUs or
+           several predictors) -> write (driver: CSV and/or Parquet, streamed to a
+           temporary file, replaced atomically) + summary JSON
 
 - **N files in, N rows out**, every row ``ok`` or ``error`` with an ``error`` message
-  (``"<kind>: <detail>"``); no per-file problem raises, and the driver checks the row count
-  before it replaces the output. Reading rules: ``listing.py``; decoding rules: ``images.py``
-  (the same decoder training's image folders go through).
+  (``"<kind>: <detail>"``); no per-file problem raises. The listing numbers its rows and marks
+  the last, and the driver checks them all came back before it replaces the output.
+- **Flat memory.** No process holds the listing or the rows: the listing streams, the driver
+  writes each batch as it comes and counts the summary (``score_outputs.Tally``).
 - **Safe models.** MODEL resolves through ``checkpoints.py`` (the one best-model rule) and
   loads through the one safe loader; the predictor applies ``data.preprocess_images`` with the
   checkpoint's ``input_size``, the function training used.
 
-Output columns, one row per file: ``path``, ``label`` (only when SRC has CIFAR-10 class
+Output columns, one row per file: ``path``, ``label`` (empty unless SRC has CIFAR-10 class
 folders or ``<class>_*`` file names), ``predicted_class``, ``confidence``, ``top2_class``,
-``top2_confidence``, ``top3_class``, ``top3_confidence``, ``status``, ``error``.
+``top2_confidence``, ``top3_class``, ``top3_confidence``, ``status``, ``error``. Rows follow
+the listing: each folder's entries in name order (an s3:// prefix: key order).
 """
 
 from __future__ import annotations
@@ -25,36 +29,36 @@ import json
 import math
 import os
 import tempfile
+import threading
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cifar_core.evaluate import label_summary
 from cifar_core.checkpoints import Checkpoint, CheckpointError, check_model, resolve_checkpoint
 from cifar_core.images import DECODE_SIZE, DEFAULT_MAX_PIXELS, decode_rows, one_line
-from cifar_core.listing import (DEFAULT_MAX_FILE_BYTES, ERROR, OK, ListingError, inside,
-                                list_source, read_files)
+from cifar_core.listing import (BLOCK_BYTES, DEFAULT_MAX_FILE_BYTES, ERROR, OK, ListingError,
+                                check_source, inside, iter_source, read_files)
+from cifar_core.listing import FILES_PER_TASK, blocks  # noqa: F401  (their old home)
 from cifar_core.settings import CLASS_NAMES
 from cifar_core import storage
-from cifar_core.score_outputs import OUTPUT_FORMATS, OutputError, OutputWriter, output_uris
+from cifar_core.score_outputs import (OUTPUT_FORMATS, OutputError, OutputWriter, Tally,
+                                      output_uris, with_nulls)
 from cifar_core.storage import is_s3, s3_endpoint, write_text
 
-#: A read/decode task's block: at most this many files and this many bytes of them (a block
-#: of 256 files at the 64 MiB file cap would otherwise hold 16 GiB in one task).
-FILES_PER_TASK = 256
-BLOCK_BYTES = 64 * 2**20
 #: Peak bytes a decode needs per pixel of the image (an RGBA PNG: 4 decoded, 3 as RGB).
 DECODE_BYTES_PER_PIXEL = 7
+#: Where the model runs: "driver" (this process: no actor to start, the model already loaded
+#: for checking) or "actors" (``concurrency`` Ray actors, e.g. on GPU nodes). "auto" is the
+#: driver for one CPU predictor and actors otherwise.
+PREDICT_IN = ("auto", "driver", "actors")
 
-#: Columns written, in order (``label`` only when labels are known).
+#: Columns written, in order.
 PREDICTION_COLUMNS = ["predicted_class", "confidence", "top2_class", "top2_confidence",
                       "top3_class", "top3_confidence"]
-#: Per-row seconds each stage spent (worker time); summed into the summary, never written.
-TIMING_COLUMNS = ["read_s", "decode_s", "predict_s"]
+COLUMNS = ["path", "label"] + PREDICTION_COLUMNS + ["status", "error"]
 
 
 class ScoringError(ValueError):
@@ -74,7 +78,8 @@ class ScoreOptions:
     model_threads: int = 0           # TensorFlow intra-op threads per actor; 0 = all cores
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
-    limit: int | None = None         # score only the first N files (sorted by path)
+    limit: int | None = None         # score only the first N files (in listing order)
+    predict_in: str = "auto"         # PREDICT_IN
     formats: tuple[str, ...] = ("csv",)
     progress_interval_s: float = 5.0  # 0 = no progress lines
     endpoint: str | None = None      # S3 endpoint override (else AWS_ENDPOINT_URL)
@@ -93,9 +98,22 @@ class ScoreOptions:
             raise ScoringError(f"--decode-cpus {self.decode_cpus!r} must be a finite number > 0")
         if self.limit is not None and self.limit < 1:
             raise ScoringError(f"limit={self.limit!r} must be >= 1")
+        if self.predict_in not in PREDICT_IN:
+            raise ScoringError(f"--predict-in {self.predict_in!r}: choose from {PREDICT_IN}")
+        if self.predict_in == "driver" and (self.concurrency > 1 or self.gpus_per_actor):
+            raise ScoringError("--predict-in driver runs one predictor in the job's own "
+                               "process: it cannot take --concurrency > 1 or "
+                               "--gpus-per-actor; use --predict-in actors")
         unknown = set(self.formats) - set(OUTPUT_FORMATS)
         if not self.formats or unknown:
             raise ScoringError(f"formats={self.formats!r}: choose from {OUTPUT_FORMATS}")
+
+    @property
+    def predictor_place(self) -> str:
+        """"driver" or "actors", with "auto" resolved."""
+        if self.predict_in != "auto":
+            return self.predict_in
+        return "driver" if self.concurrency == 1 and not self.gpus_per_actor else "actors"
 
 
 # ---------------------------------------------------------------------------- model stage
@@ -136,7 +154,10 @@ class Predictor:
         import tensorflow as tf
 
         if model_threads:
-            tf.config.threading.set_intra_op_parallelism_threads(model_threads)
+            try:
+                tf.config.threading.set_intra_op_parallelism_threads(model_threads)
+            except RuntimeError:  # the driver: TensorFlow already ran (the model check)
+                pass
         for gpu in tf.config.list_physical_devices("GPU"):
             tf.config.experimental.set_memory_growth(gpu, True)  # actors may share a GPU
         model_bytes = ray.get(model_ref) if isinstance(model_ref, ray.ObjectRef) else model_ref
@@ -187,7 +208,7 @@ class ScoreSummary:
     errors_by_kind: dict[str, int] = field(default_factory=dict)
     images_per_s: float = 0.0         # files / pipeline seconds (read to last row written)
     pipeline_s: float = 0.0
-    first_row_s: float = 0.0          # pipeline start to first row written (actor start-up)
+    first_row_s: float = 0.0          # pipeline start to first row written
     stage_s: dict[str, float] = field(default_factory=dict)
     labels: dict | None = None        # accuracy + confusion matrix when labels are known
     options: dict = field(default_factory=dict)
@@ -212,114 +233,172 @@ def check_output(src: str, out: str) -> None:
         raise ScoringError(f"OUT {out!r} lies inside SRC {src!r}; write it elsewhere")
 
 
-def blocks(sizes: list[int]) -> list[tuple[int, int]]:
-    """(start, end) of consecutive blocks of files: <= FILES_PER_TASK files, and <= BLOCK_BYTES
-    of them unless one file alone is larger."""
-    found, start, held = [], 0, 0
-    for index, size in enumerate(sizes):
-        if index > start and (index - start >= FILES_PER_TASK or held + size > BLOCK_BYTES):
-            found.append((start, index))
-            start, held = index, 0
-        held += size
-    return found + [(start, len(sizes))] if sizes else found
+def build_dataset(plan: "ScoringPlan"):
+    """The Ray Data pipeline for a plan: list -> read -> decode (-> predict on actors).
 
-
-def run_pipeline(listing, checkpoint: Checkpoint, model_bytes: bytes, src: str,
-                 writer: OutputWriter, options: ScoreOptions, log=print):
-    """Run the Ray Data pipeline over ``listing``, streaming rows into ``writer``.
-
-    Returns (stage seconds incl. ``first_row``, the label/prediction/status columns for the
-    summary, pipeline seconds). Needs a running Ray (``ray.init``) in this process.
+    Listing is one streaming task (``score_source``); read and decode run as tasks (Ray
+    fuses the two into one task per block) that reserve ``decode_cpus`` each, which also
+    keeps them out of the predictor actors (Ray fuses stages with equal resources), so
+    decoding overlaps prediction and scales on its own. Each also reserves the memory it can need (a block's bytes and one
+    image decoded at the pixel cap), so Ray runs no more of them at once than memory holds.
     """
-    import pyarrow as pa
     import ray
     import ray.data
 
+    from cifar_core.score_source import ListingSource
+
+    options = plan.options
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False   # the driver prints one progress line instead
-    context.execution_options.preserve_order = True  # output rows follow the sorted listing
+    context.execution_options.preserve_order = True  # output rows follow the listing
+    # Ray Data merges what a task yields into blocks of this size before passing them on.
+    # Its 128 MiB default would hold ~900,000 listed files back in one block; at 1 MiB the
+    # listing hands on ~7,000 at a time (reading starts while the walk goes on), a read
+    # task holds one ``blocks`` range of bytes at a time, and decoded images travel ~300 a
+    # block. Smaller sizes cost more per-block overhead than they gained (bench-score.md).
+    context.target_max_block_size = TARGET_BLOCK_BYTES
     endpoint = s3_endpoint(options.endpoint)
-    total = len(listing)
-    table = pa.Table.from_pandas(listing, preserve_index=False)
-    sizes = [s if s <= options.max_file_bytes else 0 for s in listing["size"].tolist()]
-    dataset = ray.data.from_arrow([table.slice(a, b - a) for a, b in blocks(sizes)])
-    # Read and decode run as tasks (Ray fuses the two into one task per block); they reserve
-    # decode_cpus each, which also keeps them out of the predictor actors (Ray fuses stages
-    # with equal resources), so decoding overlaps prediction and scales on its own. Each
-    # also reserves the memory it can need (its block's bytes and one image decoded at the
-    # pixel cap), so Ray runs no more of them at once than the node's memory holds.
     memory = BLOCK_BYTES + DECODE_BYTES_PER_PIXEL * options.max_pixels
+    dataset = ray.data.read_datasource(ListingSource(plan.src, options.limit, endpoint),
+                                       num_cpus=LIST_CPUS, override_num_blocks=1)
     dataset = dataset.map_batches(
         read_files, batch_format="numpy", batch_size=None, num_cpus=options.decode_cpus,
         memory=memory,
-        fn_kwargs=dict(root=src, max_file_bytes=options.max_file_bytes, endpoint=endpoint))
+        fn_kwargs=dict(root=plan.src, max_file_bytes=options.max_file_bytes,
+                       endpoint=endpoint))
     dataset = dataset.map_batches(decode_rows, batch_format="numpy", batch_size=None,
                                   num_cpus=options.decode_cpus, memory=memory,
                                   fn_kwargs=dict(max_pixels=options.max_pixels))
-    dataset = dataset.map_batches(
-        Predictor, batch_format="numpy", batch_size=options.batch_size,
-        fn_constructor_kwargs=dict(model_ref=ray.put(model_bytes),
-                                   input_size=checkpoint.settings.input_size,
-                                   model_threads=options.model_threads),
-        compute=ray.data.ActorPoolStrategy(size=options.concurrency),
-        num_cpus=options.cpus_per_actor, num_gpus=options.gpus_per_actor or None)
+    if options.predictor_place == "actors":
+        dataset = dataset.map_batches(
+            Predictor, batch_format="numpy", batch_size=options.batch_size,
+            fn_constructor_kwargs=dict(model_ref=ray.put(plan.model_bytes),
+                                       input_size=plan.checkpoint.settings.input_size,
+                                       model_threads=options.model_threads),
+            compute=ray.data.ActorPoolStrategy(size=options.concurrency),
+            num_cpus=options.cpus_per_actor, num_gpus=options.gpus_per_actor or None)
+    return dataset
 
-    stage = Counter()
-    collected = {"label": [], "predicted_class": [], "status": [], "error": []}
+
+#: Ray Data's block size for a scoring job (see ``build_dataset``).
+TARGET_BLOCK_BYTES = 1024 * 1024
+#: Logical CPUs the one listing task reserves (little: it mostly waits on the disk or S3,
+#: and a whole CPU would keep a read/decode task from starting beside it on a small node).
+LIST_CPUS = 0.25
+
+
+def check_room(options: ScoreOptions, cpus: float) -> None:
+    """``ScoringError`` when, on a Ray of ``cpus`` CPUs that will not grow (a private local
+    one), the predictor actors would leave too little for the listing task and one read/decode
+    task: Ray Data would then wait for ever."""
+    held = (options.concurrency * options.cpus_per_actor
+            if options.predictor_place == "actors" else 0.0)
+    needed = LIST_CPUS + options.decode_cpus
+    if held + needed > cpus:
+        raise ScoringError(
+            f"--concurrency {options.concurrency} x --cpus-per-actor {options.cpus_per_actor:g} "
+            f"leaves {max(cpus - held, 0):g} of this Ray's {cpus:g} CPUs for listing and "
+            f"decoding, which need {needed:g} (--decode-cpus {options.decode_cpus:g} + "
+            f"{LIST_CPUS:g}); lower --concurrency or --cpus-per-actor")
+
+
+def scored_tables(plan: "ScoringPlan"):
+    """Arrow tables of scored rows, in listing order, as the pipeline produces them."""
+    import pyarrow as pa
+
+    dataset = build_dataset(plan)
+    if plan.options.predictor_place == "actors":
+        yield from dataset.iter_batches(batch_size=None, batch_format="pyarrow")
+        return
+    predictor = Predictor(plan.model_bytes, plan.checkpoint.settings.input_size,
+                          plan.options.model_threads)
+    for batch in dataset.iter_batches(batch_size=plan.options.batch_size,
+                                      batch_format="numpy"):
+        scored = predictor(batch)
+        yield pa.table({name: scored[name] for name in scored if name not in ("source",)})
+
+
+class FileCounter(threading.Thread):
+    """Counts SRC's files in the background, for the progress line's percentage and ETA
+    (the pipeline itself never needs the total: the listing marks its last row)."""
+
+    def __init__(self, src: str, limit: int | None, endpoint: str | None):
+        super().__init__(daemon=True, name="cifar-score-count")
+        self.src, self.limit, self.endpoint = src, limit, endpoint
+        self.total: int | None = None
+
+    def run(self) -> None:
+        count = 0
+        try:
+            for _ in iter_source(self.src, self.endpoint):
+                count += 1
+                if self.limit is not None and count >= self.limit:
+                    break
+        except Exception:  # progress only: the pipeline reports listing problems itself
+            return
+        self.total = count
+
+
+def run_pipeline(plan: "ScoringPlan", writer: OutputWriter, log=print):
+    """Run the pipeline for ``plan``, streaming rows into ``writer``; returns (tally, stage
+    seconds incl. ``write`` and ``first_row``, pipeline seconds). Needs a running Ray."""
+    options = plan.options
+    counter = FileCounter(plan.src, options.limit, s3_endpoint(options.endpoint))
+    counter.start()
+    tally = Tally()
     start = last_report = time.perf_counter()
-    done = errors = 0
     first_row_s = None
-    for frame in dataset.iter_batches(batch_size=None, batch_format="pandas"):
+    write_s = 0.0
+    for table in scored_tables(plan):
         write_start = time.perf_counter()
-        if first_row_s is None:  # mostly the predictor actors' start-up (imports, model load)
+        if first_row_s is None:  # actor start-up when predicting on actors
             first_row_s = write_start - start
-        for column in TIMING_COLUMNS:
-            stage[column.removesuffix("_s")] += float(frame[column].sum())
-        for column in collected:
-            collected[column].extend(frame[column].tolist())
-        for column in ["label", "error"] + PREDICTION_COLUMNS:
-            if column in frame and not column.endswith("confidence"):
-                frame[column] = frame[column].replace("", None)
-        writer.write(frame)
-        done += len(frame)
-        errors += int((frame["status"] == ERROR).sum())
+        table = with_nulls(table)
+        tally.add(table)
+        writer.write(table)
         now = time.perf_counter()
-        stage["write"] += now - write_start
+        write_s += now - write_start
         if options.progress_interval_s and now - last_report >= options.progress_interval_s:
             last_report = now
-            rate = done / (now - start)
-            log(f"cifar score: {done}/{total} files ({done / total:.0%}), {rate:.0f} images/s, "
-                f"ETA {(total - done) / rate:.0f} s, {errors} errors")
-    stage["first_row"] = first_row_s or 0.0
-    return dict(stage), collected, time.perf_counter() - start
+            log(progress_line(tally, counter.total, now - start))
+    if options.progress_interval_s and tally.files:
+        log(progress_line(tally, tally.files, time.perf_counter() - start))
+    if not tally.complete:
+        raise RuntimeError(f"internal error: {tally.files} rows arrived but the listing's "
+                           "last row did not; output not replaced")
+    stage = {**tally.stage_s, "write": write_s, "first_row": first_row_s or 0.0}
+    return tally, stage, time.perf_counter() - start
+
+
+def progress_line(tally: Tally, total: int | None, seconds: float) -> str:
+    rate = tally.files / seconds if seconds > 0 else 0.0
+    if total:
+        total = max(total, tally.files)
+        eta = f"{(total - tally.files) / rate:.0f} s" if rate else "?"
+        done = f"{tally.files}/{total} files ({tally.files / total:.0%})"
+    else:
+        eta, done = "?", f"{tally.files} files (counting)"
+    return (f"cifar score: {done}, {rate:.0f} images/s, ETA {eta}, {tally.errors} errors")
 
 
 @dataclass
 class ScoringPlan:
-    """Everything checked before any Ray work: the files, the model, where output goes."""
+    """Everything checked before any Ray work: SRC has files, the model, where output goes."""
 
     src: str
-    listing: Any                     # DataFrame: path, size, label, status, error
     checkpoint: Checkpoint
     model_bytes: bytes
     outputs: list[str]
     summary_uri: str
     options: ScoreOptions
-    list_s: float
+    check_s: float                   # seconds to check SRC (listing runs in the pipeline)
 
-    @property
-    def has_labels(self) -> bool:
-        return bool((self.listing["label"] != "").any())
-
-    @property
-    def columns(self) -> list[str]:
-        return (["path"] + (["label"] if self.has_labels else []) + PREDICTION_COLUMNS
-                + ["status", "error"])
+    columns = COLUMNS
 
 
 def plan_scoring(src: str, model: str, out: str, options: ScoreOptions = ScoreOptions()
                  ) -> ScoringPlan:
-    """List SRC, resolve and safely load MODEL, check OUT. No Ray; raises ``ScoringError``
+    """Check SRC, resolve and safely load MODEL, check OUT. No Ray; raises ``ScoringError``
     (or ``StorageError``) for every whole-job problem, before any output is touched."""
     src = src.rstrip("/") if is_s3(src) else src
     try:
@@ -334,14 +413,13 @@ def plan_scoring(src: str, model: str, out: str, options: ScoreOptions = ScoreOp
             raise ScoringError(f"OUT {out!r}: {error}") from error
     start = time.perf_counter()
     try:
-        listing = list_source(src, options.limit, options.endpoint)
-        list_s = time.perf_counter() - start
+        check_source(src, options.endpoint)
+        check_s = time.perf_counter() - start
         checkpoint = resolve_checkpoint(model, options.endpoint)
         model_bytes = check_model(checkpoint)
     except (ListingError, CheckpointError) as error:
         raise ScoringError(str(error)) from error
-    return ScoringPlan(src, listing, checkpoint, model_bytes, outputs, summary_uri, options,
-                       list_s)
+    return ScoringPlan(src, checkpoint, model_bytes, outputs, summary_uri, options, check_s)
 
 
 def execute(plan: ScoringPlan, log=print) -> ScoreSummary:
@@ -352,37 +430,30 @@ def execute(plan: ScoringPlan, log=print) -> ScoreSummary:
     from cifar_core.provenance import provenance
 
     options = plan.options
-    log(f"cifar score: {len(plan.listing)} files under {plan.src}; model "
-        f"{plan.checkpoint.settings.model} from {plan.checkpoint.uri}")
+    log(f"cifar score: scoring the files under {plan.src} with model "
+        f"{plan.checkpoint.settings.model} from {plan.checkpoint.uri} (predicting in the "
+        f"{'driver' if options.predictor_place == 'driver' else 'actors'})")
     writer = OutputWriter(plan.outputs, plan.columns, options.endpoint)
     try:
-        stage, collected, pipeline_s = run_pipeline(plan.listing, plan.checkpoint,
-                                                    plan.model_bytes, plan.src, writer,
-                                                    options, log)
-        if writer.rows != len(plan.listing):  # the promise: N files in, N rows out
-            raise RuntimeError(f"internal error: {len(plan.listing)} files listed but "
-                               f"{writer.rows} rows produced; output not replaced")
+        tally, stage, pipeline_s = run_pipeline(plan, writer, log)
+        if writer.rows != tally.files:  # the promise: N files in, N rows out
+            raise RuntimeError(f"internal error: {tally.files} files listed but "
+                               f"{writer.rows} rows written; output not replaced")
         written = writer.commit()
     except BaseException:
         writer.abort()
         raise
 
-    status = np.array(collected["status"], dtype=object)
-    errors = int((status == ERROR).sum())
-    kinds = Counter(str(e).split(":", 1)[0] for e, s in zip(collected["error"], status)
-                    if s == ERROR)
     summary = ScoreSummary(
         src=plan.src, outputs=plan.outputs, summary_uri=plan.summary_uri,
-        model=plan.checkpoint.describe(), output_files=written, files=len(status),
-        ok=len(status) - errors,
-        errors=errors, error_rate=errors / len(status),
-        errors_by_kind=dict(sorted(kinds.items())),
-        images_per_s=len(status) / pipeline_s, pipeline_s=round(pipeline_s, 3),
+        model=plan.checkpoint.describe(), output_files=written, files=tally.files,
+        ok=tally.files - tally.errors, errors=tally.errors,
+        error_rate=tally.errors / tally.files,
+        errors_by_kind=dict(sorted(tally.kinds.items())),
+        images_per_s=tally.files / pipeline_s, pipeline_s=round(pipeline_s, 3),
         first_row_s=round(stage.pop("first_row"), 3),
-        stage_s={"list": round(plan.list_s, 3),
-                 **{name: round(value, 3) for name, value in stage.items()}},
-        labels=label_summary(collected) if plan.has_labels else None,
-        options=asdict(options), provenance=provenance())
+        stage_s={name: round(value, 3) for name, value in stage.items()},
+        labels=tally.labels(), options=asdict(options), provenance=provenance())
     # Last, like a manifest: it names each output's rows and SHA-256, so the summary beside
     # an output always describes it (after a crash in between, the old one no longer matches).
     write_text(plan.summary_uri, json.dumps(asdict(summary), indent=1, default=str) + "\n",

@@ -12,16 +12,20 @@ a sweep folder (the trial records.select_best picks: see README, "The best model
 s3://.
 Images are prepared exactly as in training (32x32 RGB, then the checkpoint's input size).
 
-OUT (.csv or .parquet; ``--format both`` writes both) has one row per file: path, [label],
-predicted_class, confidence, top2_class, top2_confidence, top3_class, top3_confidence, status
-(ok/error), error. ``label`` appears when files sit in CIFAR-10 class folders or are named
-``<class>_*``; then OUT's ``.summary.json`` also holds accuracy and the confusion matrix. A
-re-run replaces OUT (never appends). Progress lines go to stderr; stdout ends with a summary
+OUT (.csv or .parquet; ``--format both`` writes both) has one row per file, in listing order
+(each folder's entries by name): path, label, predicted_class, confidence, top2_class,
+top2_confidence, top3_class, top3_confidence, status (ok/error), error. ``label`` is filled in
+when files sit in CIFAR-10 class folders or are named ``<class>_*``; then OUT's
+``.summary.json`` also holds accuracy and the confusion matrix. A re-run replaces OUT (never
+appends). Memory stays flat however many files SRC holds: the listing streams and rows are
+written as they come. Progress lines go to stderr; stdout ends with a summary
 line (files, ok, errors, images/s, output paths) and, when labels are known, the accuracy.
 
 Without ``--address``/``RAY_ADDRESS`` the job starts its own local Ray. On a multi-node cluster
-a local SRC must be on a filesystem every node mounts (use s3:// otherwise); the model travels
-to the actors through Ray's object store. ``--smoke-test``: first 200 files, batches of 64.
+a local SRC must be on a filesystem every node mounts (use s3:// otherwise). The model runs
+in this job's own process for one CPU predictor (``--predict-in auto``: no actor to start, so
+the first rows come within seconds) and in Ray actors for ``--concurrency`` > 1 or
+``--gpus-per-actor`` (the model travels to them through Ray's object store). ``--smoke-test``: first 200 files, batches of 64.
 
 Exit codes:
   0  done; at most --max-error-rate (default 0.01) of the files are error rows
@@ -60,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", type=int, default=1,
                         help="Predictor actors; each loads the model once.")
     parser.add_argument("--gpus-per-actor", type=float, default=0.0)
+    parser.add_argument("--predict-in", choices=("auto", "driver", "actors"), default="auto",
+                        help="Where the model runs: this process (driver) or Ray actors; "
+                             "auto: the driver for one CPU predictor, else actors.")
     parser.add_argument("--cpus-per-actor", type=float, default=1.0,
                         help="Logical CPUs Ray reserves per predictor actor.")
     parser.add_argument("--decode-cpus", type=float, default=0.5,
@@ -72,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Refuse images whose header declares more pixels (not decoded).")
     parser.add_argument("--max-file-bytes", type=int, default=DEFAULT_MAX_FILE_BYTES,
                         help="Refuse larger files without reading them.")
-    parser.add_argument("--limit", type=int, help="Score only the first N files (by path).")
+    parser.add_argument("--limit", type=int, help="Score only the first N files (listing order).")
     parser.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a "
                                           "new local Ray).")
     parser.add_argument("--s3-endpoint", help="S3-compatible endpoint (else AWS_ENDPOINT_URL).")
@@ -91,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cifar score: error: --max-error-rate={args.max_error_rate} must be in [0, 1]",
               file=sys.stderr)
         return EXIT_BAD_INPUT
-    from cifar_core.ray_glue import connect_ray
-    from cifar_core.scoring import execute, plan_scoring
+    from cifar_core.ray_glue import connect_ray, is_private
+    from cifar_core.scoring import check_room, execute, plan_scoring
     from cifar_core.storage import StorageError, check_endpoint, unreachable
 
     try:
@@ -103,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size, concurrency=args.concurrency,
             gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
             decode_cpus=args.decode_cpus, model_threads=args.model_threads,
+            predict_in=args.predict_in,
             max_pixels=args.max_pixels, max_file_bytes=args.max_file_bytes, limit=args.limit,
             formats=formats_for(args.out, args.format),
             progress_interval_s=0 if args.quiet else 5.0, endpoint=args.s3_endpoint)
@@ -112,6 +120,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cifar score: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     started = connect_ray(args.address)
+    if is_private(args.address):
+        import ray
+
+        try:
+            check_room(options, ray.cluster_resources().get("CPU", 0.0))
+        except ScoringError as error:
+            print(f"cifar score: error: {error}", file=sys.stderr)
+            if started:
+                ray.shutdown()
+            return EXIT_BAD_INPUT
     try:
         summary = execute(plan, log=lambda text: print(text, file=sys.stderr, flush=True))
     except Exception as error:
