@@ -262,8 +262,12 @@ def bench_model(model_id: str, args, workdir: Path) -> dict:
     notebook(model, settings.input_size, notebook_files[:5])  # warm-up
     # The job's fixed cost (Python, TensorFlow and Ray start-up, model checks, actor start-up).
     fixed = score_job(checkpoint, args.data, 256, args.batch_size, workdir)
+    small = workdir / "small-folder"  # a 40-file folder: command to exit
+    small.mkdir(exist_ok=True)
+    for path in files[:: max(1, len(files) // 40)][:40]:
+        (small / Path(path).name).write_bytes(Path(path).read_bytes())
     runs: dict[str, list] = {"notebook": [], "keras_predict": [], "bare_function": [],
-                             "score_job": []}
+                             "score_job": [], "small_folder": []}
     for repeat in range(args.repeats):
         runs["notebook"].append(notebook(model, settings.input_size, notebook_files))
         runs["keras_predict"].append(keras_predict(model, settings.input_size, bare,
@@ -271,6 +275,8 @@ def bench_model(model_id: str, args, workdir: Path) -> dict:
         runs["bare_function"].append(bare_function(predict, bare, args.batch_size))
         runs["score_job"].append(score_job(checkpoint, args.data, args.images,
                                            args.batch_size, workdir))
+        runs["small_folder"].append(score_job(checkpoint, str(small), None, args.batch_size,
+                                              workdir))
         print(f"{model_id} repeat {repeat + 1}: " + ", ".join(
             f"{name} {r[-1]['images_per_s']:.1f}/s {r[-1]['cpu_ms_per_image']:.2f} CPU-ms"
             for name, r in runs.items()), flush=True)
@@ -287,6 +293,7 @@ def bench_model(model_id: str, args, workdir: Path) -> dict:
         **{f"{name}_cpu_ms_per_image": summary(name, "cpu_ms_per_image") for name in runs},
         "score_job_end_to_end_images_per_s": summary("score_job", "end_to_end_images_per_s"),
         "score_first_row_s": stats([r["first_row_s"] for r in jobs]),
+        "small_folder_wall_s": stats([r["wall_s"] for r in runs["small_folder"]]),
         # Approximate rate once the first rows are out (actor start-up excluded).
         "score_after_first_row_images_per_s": stats(
             [r["images"] / max(r["pipeline_s"] - r["first_row_s"], 1e-9) for r in jobs]),
@@ -334,7 +341,8 @@ def markdown(report: dict) -> str:
         f"{report['load_min']:.1f}-{report['load_max']:.1f} during the runs on "
         f"{machine['cpus']} cores). Commit `{prov['git_commit']}`, {prov['created']}. "
         f"{report['repeats']} repeats, interleaved; median (min-max). Batch size "
-        f"{report['batch_size']}, one predictor actor, random-init models (timing only). "
+        f"{report['batch_size']}, one predictor ({report.get('predictor', 'an actor')}), "
+        "random-init models (timing only). "
         f"Command: `{report['command']}`.", "",
         "Throughput, wall clock, images/s:", "",
         "| model | (a) notebook: predict per image | (b) Keras predict, preloaded | "
@@ -370,18 +378,20 @@ def markdown(report: dict) -> str:
             f"{q['cpu_marginal_score_over_bare_function']:.2f}x |")
     lines += ["", "Where (c)'s time goes, median seconds over repeats (list and write: driver "
               "wall time; read, decode+resize, predict: worker-seconds summed over files; first "
-              "row: pipeline start to first row written, mostly the predictor actor's start-up "
-              "(TensorFlow import, model load, tracing)):", "",
+              "row: pipeline start to first row written; 40 files: a 40-file folder, "
+              "command to exit):", "",
               "| model | list | read | decode+resize | predict | write | first row | "
-              "pipeline total | images/s after the first row |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "pipeline total | images/s after the first row | 40 files, s |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["models"]:
         s = r["score_stage_s_median"]
         total = statistics.median(run["pipeline_s"] for run in r["runs"]["score_job"])
         lines.append(f"| {r['model']} | {s['list']:.2f} | {s['read']:.2f} | {s['decode']:.2f} "
                      f"| {s['predict']:.2f} | {s['write']:.2f} | "
                      f"{r['score_first_row_s']['median']:.1f} | {total:.1f} | "
-                     f"{cell(r['score_after_first_row_images_per_s'])} |")
+                     f"{cell(r['score_after_first_row_images_per_s'])} | "
+                     f"{cell(r['small_folder_wall_s'], 1) if 'small_folder_wall_s' in r else '-'}"
+                     " |")
     if all("cpu_s_by_process" in run for r in report["models"]
            for run in r["runs"]["score_job"]):
         kinds = sorted({k for r in report["models"] for run in r["runs"]["score_job"]
@@ -414,7 +424,7 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_argument(parser, "Folder of the CIFAR-10 (JPEG) test images (*.jpg, any depth)",
                       required=False, under="test")  # --render needs none
-    parser.add_argument("--models", default="M7,M1")
+    parser.add_argument("--models", default="M7,M4,M1")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--images", type=int, default=None, help="Subset of the folder.")
     parser.add_argument("--notebook-images", type=int, default=300)
@@ -449,6 +459,7 @@ def main() -> int:
         "load_min": min(loads), "load_max": max(loads),
         "command": " ".join(["python"] + [os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
         "models": models, "notes": args.notes, "provenance": started,
+        "predictor": "in the driver: `--predict-in auto`",
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps(report, indent=1) + "\n")
