@@ -337,7 +337,9 @@ def markdown(report: dict) -> str:
         "# Batch scoring benchmark (`bench/score_bench.py`)", "",
         f"Data: the {report['files']} shared CIFAR-10 (JPEG) test images (`{report['data']}`). "
         f"Machine: {machine['cpus']} CPUs ({machine['cpu_model']}), GPUs: "
-        f"{machine['gpus'] or 'none'}, **shared with other jobs** (1-min load average "
+        f"{machine['gpus'] or 'none'}, "
+        f"{'nothing else running' if report.get('alone') else '**shared with other jobs**'}"
+        " (1-min load average "
         f"{report['load_min']:.1f}-{report['load_max']:.1f} during the runs on "
         f"{machine['cpus']} cores). Commit `{prov['git_commit']}`, {prov['created']}. "
         f"{report['repeats']} repeats, interleaved; median (min-max). Batch size "
@@ -433,6 +435,8 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--out", default=str(REPO / "results" / "bench-score"))
     parser.add_argument("--notes", default="", help="A paragraph added to the .md.")
+    parser.add_argument("--alone", action="store_true",
+                        help="Say the machine ran nothing else (else: shared).")
     parser.add_argument("--render", metavar="JSON",
                         help="Only rewrite the .md from an earlier run's JSON (with --notes).")
     args = parser.parse_args()
@@ -458,7 +462,7 @@ def main() -> int:
         "files": models[0]["files"], "repeats": args.repeats, "batch_size": args.batch_size,
         "load_min": min(loads), "load_max": max(loads),
         "command": " ".join(["python"] + [os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
-        "models": models, "notes": args.notes, "provenance": started,
+        "models": models, "notes": args.notes, "provenance": started, "alone": args.alone,
         "predictor": "in the driver: `--predict-in auto`",
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

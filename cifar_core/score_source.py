@@ -7,9 +7,8 @@ whole listing (the driver holds none of it). Each row carries ``seq`` (0, 1, 2, 
 order) and the last row ``last=True``: the driver checks every row came back exactly once and
 in order (N files in, N rows out) without ever knowing N in advance.
 
-A local SRC is listed on the driver's node (``supports_distributed_reads``): that is where
-the folder is. Reading and decoding then run as tasks anywhere (a cluster shares the folder
-or reads s3://).
+The listing task may run on any node, like the reads: on a cluster a local SRC must be on a
+filesystem every node mounts (the head node of ``cluster.yaml`` offers Ray no CPU at all).
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
 from cifar_core.listing import COLUMNS, iter_source
-from cifar_core.storage import is_s3
 
 #: Rows per block the listing task yields (Ray Data merges them up to its block size).
 LISTING_BLOCK_ROWS = 256
@@ -79,10 +77,6 @@ class ListingSource(Datasource):
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None  # unknown until listed: that is the point
-
-    @property
-    def supports_distributed_reads(self) -> bool:
-        return is_s3(self.src)
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context=None) -> list[ReadTask]:

@@ -75,7 +75,7 @@ class ScoreOptions:
     cpus_per_actor: float = 1.0      # logical CPUs Ray reserves per actor
     decode_cpus: float = 0.5         # logical CPUs per read/decode task (must differ from
                                      # cpus_per_actor, or Ray runs decoding inside the actors)
-    model_threads: int = 0           # TensorFlow intra-op threads per actor; 0 = all cores
+    model_threads: int = 0           # TensorFlow intra-op threads per predictor; 0 = all
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
     limit: int | None = None         # score only the first N files (in listing order)
@@ -144,6 +144,20 @@ def load_model_from_bytes(model_bytes: bytes):
         return load_checkpoint_model(path, compile=False)
 
 
+def set_model_threads(threads: int) -> None:
+    """TensorFlow's intra-op threads for this process; ``ScoringError`` once TensorFlow has
+    run (it cannot change then), rather than a setting that silently does nothing."""
+    import tensorflow as tf
+
+    if tf.config.threading.get_intra_op_parallelism_threads() == threads:
+        return
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+    except RuntimeError as error:
+        raise ScoringError(f"--model-threads {threads}: TensorFlow already runs in this "
+                           f"process and cannot change its thread count ({error})") from None
+
+
 class Predictor:
     """Ray Data callable class: loads the model once per actor, then scores batches."""
 
@@ -154,10 +168,7 @@ class Predictor:
         import tensorflow as tf
 
         if model_threads:
-            try:
-                tf.config.threading.set_intra_op_parallelism_threads(model_threads)
-            except RuntimeError:  # the driver: TensorFlow already ran (the model check)
-                pass
+            set_model_threads(model_threads)
         for gpu in tf.config.list_physical_devices("GPU"):
             tf.config.experimental.set_memory_growth(gpu, True)  # actors may share a GPU
         model_bytes = ray.get(model_ref) if isinstance(model_ref, ray.ObjectRef) else model_ref
@@ -416,6 +427,8 @@ def plan_scoring(src: str, model: str, out: str, options: ScoreOptions = ScoreOp
         check_source(src, options.endpoint)
         check_s = time.perf_counter() - start
         checkpoint = resolve_checkpoint(model, options.endpoint)
+        if options.model_threads and options.predictor_place == "driver":
+            set_model_threads(options.model_threads)  # before the check runs TensorFlow
         model_bytes = check_model(checkpoint)
     except (ListingError, CheckpointError) as error:
         raise ScoringError(str(error)) from error

@@ -362,14 +362,11 @@ def download_s3_prefix(uri: str, endpoint: str | None = None, workers: int = 16)
         with ThreadPoolExecutor(workers) as pool:
             list(pool.map(fetch, [o for o in objects if not o["Key"].endswith("/")]))
         (staging / ".complete").touch()
-        # The target only ever appears whole (a renamed complete staging folder), so nothing
-        # is deleted here: another process may be reading it.
-        try:
+        try:  # the target only ever appears whole, so it is never deleted (others read it)
             os.rename(staging, target)
         except OSError:  # another process (a second Train worker) finished the same copy first
             if not (target / ".complete").exists():
-                raise StorageError(f"{uri}: cache folder {target} exists but is incomplete; "
-                                   "delete it and run again") from None
+                raise StorageError(f"{uri}: {target} is incomplete; delete it") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
@@ -386,16 +383,11 @@ def download_s3_file(uri: str, endpoint: str | None = None) -> Path:
     digest = hashlib.sha256(f"{uri}\0{head.get('ETag', '')}".encode()).hexdigest()[:24]
     target = cache_dir("s3-files", digest) / Path(key).name
     if not target.exists():
-        # A name of its own per download: the Train workers of one host fetch the same
-        # weights at the same moment, and a shared ".partial" name was renamed away under one.
-        handle, partial = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".",
-                                           suffix=".partial")
-        os.close(handle)
-        try:
-            client.download_file(bucket, key, partial)
-            os.replace(partial, target)
-        finally:
-            Path(partial).unlink(missing_ok=True)
+        # A name of its own per download: a host's Train workers fetch the same weights at
+        # once, and a shared ".partial" name was renamed away under one (a CI run lost it).
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".partial-") as staging:
+            client.download_file(bucket, key, f"{staging}/{target.name}")
+            os.replace(f"{staging}/{target.name}", target)
     return target
 
 

@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--decode-cpus", type=float, default=0.5,
                         help="Logical CPUs per read/decode task (default 0.5).")
     parser.add_argument("--model-threads", type=int, default=0,
-                        help="TensorFlow threads per actor (0: all cores of the machine).")
+                        help="TensorFlow threads per predictor (0: all cores of the machine).")
     parser.add_argument("--max-error-rate", type=float, default=0.01,
                         help="Exit 3 when more than this fraction of files fail (default 0.01).")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cifar score: error: --max-error-rate={args.max_error_rate} must be in [0, 1]",
               file=sys.stderr)
         return EXIT_BAD_INPUT
-    from cifar_core.ray_glue import connect_ray, is_private
+    from cifar_core.ray_glue import connect_ray, is_private, unfit
     from cifar_core.scoring import check_room, execute, plan_scoring
     from cifar_core.storage import StorageError, check_endpoint, unreachable
 
@@ -125,6 +125,12 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             check_room(options, ray.cluster_resources().get("CPU", 0.0))
+            problem = options.predictor_place == "actors" and unfit(
+                {"CPU": options.cpus_per_actor, "GPU": options.gpus_per_actor})
+            if problem:  # it would wait for ever
+                raise ScoringError(f"--cpus-per-actor {options.cpus_per_actor:g} "
+                                   f"--gpus-per-actor {options.gpus_per_actor:g}: a predictor "
+                                   f"actor {problem}")
         except ScoringError as error:
             print(f"cifar score: error: {error}", file=sys.stderr)
             if started:

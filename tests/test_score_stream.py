@@ -152,6 +152,10 @@ def test_actors_that_leave_no_cpu_for_decoding_are_refused(ray_module, samples, 
     code, _, err = score_main(capsys, samples, "--model", trained_run, "--out",
                               tmp_path / "o.csv", "--concurrency", "2")
     assert code == 2 and "lower --concurrency or --cpus-per-actor" in err, err
+    # A GPU that no node of this (CPU-only, private) Ray has would keep the actor pending.
+    code, _, err = score_main(capsys, samples, "--model", trained_run, "--out",
+                              tmp_path / "o.csv", "--gpus-per-actor", "1")
+    assert code == 2 and "--gpus-per-actor 1: a predictor actor asks for" in err, err
     assert not (tmp_path / "o.csv").exists()
 
 
@@ -167,3 +171,17 @@ def test_a_folder_without_labels_still_has_a_label_column(ray_module, trained_ru
     frame = pd.read_csv(out)
     assert list(frame.columns)[:2] == ["path", "label"] and frame["label"].isna().all()
     assert json.loads((tmp_path / "o.summary.json").read_text())["labels"] is None
+
+
+def test_model_threads_that_can_no_longer_apply_are_refused(samples, trained_run, tmp_path):
+    """In the driver, --model-threads must be set before TensorFlow first runs; where it
+    already has (a library caller), the option is refused rather than silently ignored."""
+    import tensorflow as tf
+
+    from cifar_core.scoring import ScoreOptions, ScoringError, plan_scoring
+
+    float(tf.reduce_sum(tf.ones(3)))  # TensorFlow has run in this process
+    threads = tf.config.threading.get_intra_op_parallelism_threads() + 3
+    with pytest.raises(ScoringError, match="--model-threads"):
+        plan_scoring(str(samples), str(trained_run), str(tmp_path / "o.csv"),
+                     ScoreOptions(model_threads=threads))
