@@ -66,3 +66,21 @@ def write_results(name: str, payload: dict, table: str) -> Path:
         f"TensorFlow {prov['versions']['tensorflow']}, Ray {prov['versions']['ray']}; "
         f"{prov['created']}.\n")
     return out / f"{name}.md"
+
+
+def add_render_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--notes`` (a paragraph for the .md) and ``--render JSON`` (only rewrite the .md)."""
+    parser.add_argument("--notes", default="", help="A paragraph added to the .md.")
+    parser.add_argument("--render", metavar="JSON",
+                        help="Only rewrite the .md from an earlier run's JSON (with --notes).")
+
+
+def render_only(args: argparse.Namespace, markdown) -> bool:
+    """With ``--render``: rewrite that JSON's .md (and its notes, if given); True if done."""
+    if not args.render:
+        return False
+    report = json.loads(Path(args.render).read_text())
+    report["notes"] = args.notes or report.get("notes", "")
+    Path(args.render).write_text(json.dumps(report, indent=1) + "\n")
+    Path(args.render).with_suffix(".md").write_text(markdown(report))
+    return True

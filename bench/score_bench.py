@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from common import REPO, add_data_argument, require_data
+from common import REPO, add_data_argument, add_render_arguments, render_only, require_data
 
 import cifar_core  # noqa: F401  (tf_keras before TensorFlow)
 
@@ -434,17 +434,11 @@ def main() -> int:
                         help="Preloaded images for (b); a rate needs no more.")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--out", default=str(REPO / "results" / "bench-score"))
-    parser.add_argument("--notes", default="", help="A paragraph added to the .md.")
     parser.add_argument("--alone", action="store_true",
                         help="Say the machine ran nothing else (else: shared).")
-    parser.add_argument("--render", metavar="JSON",
-                        help="Only rewrite the .md from an earlier run's JSON (with --notes).")
+    add_render_arguments(parser)
     args = parser.parse_args()
-    if args.render:
-        report = json.loads(Path(args.render).read_text())
-        report["notes"] = args.notes or report.get("notes", "")
-        Path(args.render).write_text(json.dumps(report, indent=1) + "\n")
-        Path(args.render).with_suffix(".md").write_text(markdown(report))
+    if render_only(args, markdown):
         return 0
     require_data(parser, args)
     if not Path(args.data).is_dir():

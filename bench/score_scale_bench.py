@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from common import REPO, add_data_argument, require_data
+from common import REPO, add_data_argument, add_render_arguments, render_only, require_data
 from score_bench import make_checkpoint, process_kind
 
 FILES_PER_FOLDER = 1000
@@ -162,14 +162,9 @@ def main() -> int:
     parser.add_argument("--s3-sizes", default="10000,100000")
     parser.add_argument("--work", default=None, help="Scratch folder (default: a temp dir).")
     parser.add_argument("--out", default=str(REPO / "results" / "bench-score-scale"))
-    parser.add_argument("--notes", default="")
-    parser.add_argument("--render", metavar="JSON", help="Only rewrite the .md from a JSON.")
+    add_render_arguments(parser)
     args = parser.parse_args()
-    if args.render:
-        report = json.loads(Path(args.render).read_text())
-        report["notes"] = args.notes or report.get("notes", "")
-        Path(args.render).write_text(json.dumps(report, indent=1) + "\n")
-        Path(args.render).with_suffix(".md").write_text(markdown(report))
+    if render_only(args, markdown):
         return 0
     require_data(parser, args)
 
