@@ -355,7 +355,8 @@ def run_pipeline(plan: "ScoringPlan", writer: OutputWriter, log=print):
     seconds incl. ``write`` and ``first_row``, pipeline seconds). Needs a running Ray."""
     options = plan.options
     counter = FileCounter(plan.src, options.limit, s3_endpoint(options.endpoint))
-    counter.start()
+    if options.progress_interval_s:  # a second walk of SRC: only for the progress line
+        counter.start()
     tally = Tally()
     start = last_report = time.perf_counter()
     first_row_s = None
