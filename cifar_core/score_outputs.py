@@ -175,8 +175,9 @@ class Tally:
                 self.stage_s[name.removesuffix("_s")] += float(
                     pc.sum(table.column(name)).as_py() or 0.0)
         failed = pc.equal(table.column("status"), "error")
-        self.errors += int(pc.sum(failed).as_py() or 0)
-        if self.errors:
+        errors = int(pc.sum(failed).as_py() or 0)
+        self.errors += errors
+        if errors:  # rare: the per-row Python work is for failed rows only
             for error in table.column("error").filter(failed).to_pylist():
                 self.kinds[str(error).split(":", 1)[0]] += 1
         classes = pa.array(CLASS_NAMES)
