@@ -43,6 +43,16 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "no_tta": ("test-time augmentation (1 view, not 6)", {"tta_level": 0}),
     "batch_128": ("large batches (128 at a quarter of the rate, not 512)",
                   {"batch_size": 128, "learning_rate": 0.1}),
+    # Pairs of what did not pay alone in the one-off rows (results/m8-ablation.md).
+    "constant_no_smoothing": ("schedule and label smoothing",
+                              {"learning_rate_schedule": "constant", "warmup_fraction": 0.0,
+                               "label_smoothing": 0.0}),
+    "constant_no_smoothing_b128": ("schedule, label smoothing, large batches",
+                                   {"learning_rate_schedule": "constant",
+                                    "warmup_fraction": 0.0, "label_smoothing": 0.0,
+                                    "batch_size": 128, "learning_rate": 0.1}),
+    "constant_no_ema": ("schedule and EMA", {"learning_rate_schedule": "constant",
+                                             "warmup_fraction": 0.0, "ema_decay": 0.0}),
 }
 
 
