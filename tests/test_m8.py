@@ -136,7 +136,8 @@ def test_warmup_then_linear_decay():
     ({"tta_level": 3}, "tta_level=3"), ({"ema_decay": 1.0}, "ema_decay=1.0"),
     ({"label_smoothing": -0.1}, "label_smoothing=-0.1"),
     ({"learning_rate_schedule": "cosine"}, "learning_rate_schedule='cosine'"),
-    ({"reduce_lr_patience": 2}, "reduce_lr_patience=2 cannot be combined"),
+    ({"reduce_lr_patience": 2, "learning_rate_schedule": "linear"},
+     "reduce_lr_patience=2 cannot be combined"),
     ({"early_stopping_patience": 2}, "ema_decay=0.99 cannot be combined"),
     ({"weight_decay": -1.0}, "weight_decay=-1.0")])
 def test_bad_recipe_settings_fail_loudly(change, message):
