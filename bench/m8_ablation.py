@@ -128,7 +128,7 @@ def markdown(report: dict) -> str:
     rows = report["rows"]
     base = [r["best_val_accuracy"] for r in rows if r["variant"] == "recipe"]
     base_mean = sum(base) / len(base) if base else float("nan")
-    lines = [f"# M8 ablation: one idea off at a time ({report['images']:,} CIFAR-10 (JPEG) "
+    lines = [f"# M8 ablation: one idea off at a time, then pairs ({report['images']:,} CIFAR-10 (JPEG) "
              f"training images, {report['epochs']} epochs)", "",
              "| variant | takes away | seed | best val_accuracy | vs recipe mean | best epoch "
              "| test_accuracy (subset, not used) | epoch time sum (s) |",
