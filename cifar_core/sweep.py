@@ -354,7 +354,8 @@ def record_unfinished(results, book: CellBook, stopped_by_scheduler: set[str],
     from cifar_core.provenance import provenance
 
     for result in results:  # an Optuna point's cell is known once its trial exists
-        book(result.config)
+        if result.config is not None:  # None: Tune created the trial, a Ctrl-C came first
+            book(result.config)
     cells = book.cells
     records: dict[str, TrialRecord] = {}
     ids = list(cells)
@@ -370,6 +371,8 @@ def record_unfinished(results, book: CellBook, stopped_by_scheduler: set[str],
     interrupted, seen = [], set()
     sweep_provenance = provenance()
     for result in results:
+        if result.config is None:
+            continue  # never reported: interrupted (its cell is counted below, unseen)
         cell = book(result.config)
         seen.add(cell.trial_id)
         if cell.trial_id in done:

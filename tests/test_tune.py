@@ -275,6 +275,23 @@ def test_cells_tune_never_created_count_as_interrupted(tmp_path):
     assert list(records) == [finished.trial_id]
 
 
+def test_a_trial_interrupted_before_its_first_report_counts_as_interrupted(tmp_path):
+    # A Ctrl-C between Tune creating a trial and its first result: Tune hands back a Result
+    # whose config is None (no result.json yet). Seen once: record_unfinished failed on it
+    # with a TypeError instead of ending the sweep resumable.
+    from types import SimpleNamespace
+
+    grid = write_grid(tmp_path / "grid.json", {"M1": {"learning_rate": [0.01, 0.02]}})
+    opts = options(tmp_path, grid=grid)
+    cells = plan_cells(opts, "v1")
+    started = SimpleNamespace(config={"trial_id": cells[0].trial_id}, error=None,
+                              metrics_dataframe=None, checkpoint=None)
+    records, missing = record_unfinished([started, SimpleNamespace(config=None)],
+                                         CellBook({c.trial_id: c for c in cells}),
+                                         stopped_by_scheduler=set(), storage_root=opts.storage)
+    assert sorted(missing) == sorted(cell.trial_id for cell in cells) and records == {}
+
+
 def test_cells_are_validated_and_hashed_before_ray(tmp_path, image_folder):
     opts = options(tmp_path, models=("M1", "M4"), grid="default", seeds=2,
                    overrides={"data": str(image_folder)})
