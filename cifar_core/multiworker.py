@@ -59,9 +59,10 @@ from typing import Any, Callable
 import cifar_core  # noqa: F401  (selects tf_keras before TensorFlow loads)
 from cifar_core import storage
 from cifar_core.ladder import LADDER
+from cifar_core.plan import TRACKERS, SweepError
 from cifar_core.records import (COMPLETED, ERRORED, Cell, Outcome, TrialRecord, make_record,
                                 settings_hash)
-from cifar_core.settings import Settings, SettingsError
+from cifar_core.settings import Settings, SettingsError, check_global_batch
 
 #: Learning-rate rules for a global batch other than the seed's (see the module docstring).
 LR_RULES = ("none", "linear", "sqrt")
@@ -96,6 +97,8 @@ class FinetuneOptions:
     record_root: str | None = None    # trials/<id>/ goes here; default <storage>/<name>
     trial_id: str | None = None       # the record's id; default <model>-<settings hash>
     sweep: str | None = None          # the record's sweep name; default ``name``
+    tracking: str = "none"            # TRACKERS: none, tensorboard, mlflow (tracking.py)
+    mlflow_tracking_uri: str | None = None  # default: <storage>/<name>/mlflow.db
 
     def __post_init__(self) -> None:
         try:
@@ -119,6 +122,8 @@ class FinetuneOptions:
         if self.scale_learning_rate not in LR_RULES:
             raise FinetuneError(f"--scale-learning-rate {self.scale_learning_rate!r} must be "
                                 f"one of {LR_RULES}")
+        if self.tracking not in TRACKERS:
+            raise FinetuneError(f"--tracking {self.tracking!r} must be one of {TRACKERS}")
 
     @property
     def gpus(self) -> float:
@@ -175,14 +180,6 @@ def check_xla(settings: Settings, options: "FinetuneOptions") -> None:
             f"xla=True with {options.replicas} CPU replicas: TensorFlow cannot compile the "
             "all-reduce with XLA on CPU devices ('Collectives are not yet implemented for CPU "
             "devices when compiling with XLA'); use XLA with GPU workers or a single worker")
-
-
-def check_global_batch(settings: Settings, replicas: int) -> None:
-    """The global batch must split evenly, or replicas would weight their examples unequally."""
-    if settings.batch_size % replicas:
-        raise SettingsError(
-            f"batch_size={settings.batch_size} (the global batch) does not divide evenly over "
-            f"{replicas} replicas; use a multiple of {replicas}")
 
 
 # ---------------------------------------------------------------------------- the workers
@@ -313,6 +310,7 @@ def run_finetune(settings: Settings, options: FinetuneOptions, *, data=None,
     """
     import ray
 
+    from cifar_core import tracking
     from cifar_core.data import load_cifar10
     from cifar_core.provenance import code_version, provenance
     from cifar_core.ray_glue import connect_ray
@@ -323,6 +321,12 @@ def run_finetune(settings: Settings, options: FinetuneOptions, *, data=None,
     if options.init_from:
         check_init_from(options.init_from)
     cell = _cell(settings, options, code_version())
+    tracked = tracking.finetune_options(options.tracking, options.name, options.storage,
+                                        settings.model, options.mlflow_tracking_uri)
+    try:
+        tracking.check_available(tracked)
+    except SweepError as error:
+        raise FinetuneError(str(error)) from None
     previous = latest_report(options)
     if previous is not None and not options.resume:
         raise FinetuneError(
@@ -337,6 +341,7 @@ def run_finetune(settings: Settings, options: FinetuneOptions, *, data=None,
     storage.write_text(storage.join_uri(options.run_uri, RUN_SPEC_FILE), json.dumps({
         "settings": settings.to_dict(), "options": asdict(options), "trial_id": cell.trial_id,
         "data": data.summary(), "provenance": provenance()}, indent=1))
+    callbacks = (*callbacks, *tracking.train_callbacks(tracked, cell))
     trainer = build_trainer(settings, options, ray.put(data), callbacks=callbacks,
                             train_loop=train_loop)
     earlier_time = _time_spent(previous, options)
@@ -347,12 +352,15 @@ def run_finetune(settings: Settings, options: FinetuneOptions, *, data=None,
         record = _errored_record(cell, options, data, error,
                                  earlier_time + time.time() - started)
         storage.write_text(cell.record_uri, record.to_json())
+        tracking.finish_train_run(tracked, cell, "FAILED")
         raise FinetuneError(
             f"fine-tune run {options.run_uri} failed after the {options.max_failures} "
             f"restart(s) --max-failures allows: {_first_lines(error)}\nIts checkpoints are "
             "kept: launch it again with the same --name and --storage and --resume to "
             f"continue from the last one. Record: {cell.record_uri}") from error
-    return _export(result, cell, options, data, earlier_time + time.time() - started)
+    exported = _export(result, cell, options, data, earlier_time + time.time() - started)
+    tracking.finish_train_run(tracked, cell, "FINISHED")
+    return exported
 
 
 def _cell(settings: Settings, options: FinetuneOptions, code: str) -> Cell:

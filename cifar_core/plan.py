@@ -31,7 +31,7 @@ from typing import Any
 from cifar_core import storage
 from cifar_core.ladder import LADDER, MODEL_IDS, smoke_settings
 from cifar_core.records import Cell, settings_hash
-from cifar_core.settings import Settings, SettingsError
+from cifar_core.settings import Settings, SettingsError, check_global_batch
 
 SCHEDULERS = ("none", "asha")
 SEARCHES = ("grid", "random", "optuna")
@@ -268,8 +268,6 @@ def cell_for(options: SweepOptions, model: str, point: dict[str, Any], code_vers
         raise SettingsError(f"model {model}: {error}") from error
     workers = _workers(options, model)
     if workers:  # each of the Train run's workers takes an equal share of a batch
-        from cifar_core.multiworker import check_global_batch
-
         try:
             check_global_batch(settings, workers["num_workers"])
         except SettingsError as error:

@@ -341,6 +341,14 @@ def add_settings_arguments(parser: Any, skip: tuple[str, ...] = ()) -> None:
             parser.add_argument(flag, dest=f.name, default=None, help=help_text)
 
 
+def check_global_batch(settings: Settings, replicas: int) -> None:
+    """The global batch must split evenly, or replicas would weight their examples unequally."""
+    if settings.batch_size % replicas:
+        raise SettingsError(
+            f"batch_size={settings.batch_size} (the global batch) does not divide evenly over "
+            f"{replicas} replicas; use a multiple of {replicas}")
+
+
 def _parse_bool(text: str) -> bool:
     lowered = text.lower()
     if lowered in ("1", "true", "yes", "on"):

@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 SWEEP_FILE = "sweep.json"
 MLFLOW_DB = "mlflow.db"                 # --tracking mlflow: the default local store
 MLFLOW_ARTIFACTS = "mlflow-artifacts"
+TENSORBOARD_DIR = "tensorboard"         # cifar finetune --tracking tensorboard: event files
 TRIALS_DIR = "trials"
 RECORD_FILE = "trial.json"
 CHECKPOINTS_DIR = "checkpoints"

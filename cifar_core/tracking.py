@@ -228,8 +228,8 @@ class MlflowRuns:
                 call(*args)
         except Exception as error:  # tracking must never end a sweep
             self.broken = True
-            log.warning("cifar tune: MLflow tracking at %s failed while %s (%s); no more "
-                        "MLflow logging in this sweep. Training goes on, and each trial's "
+            log.warning("cifar: MLflow tracking at %s failed while %s (%s); no more "
+                        "MLflow logging in this run. Training goes on, and each trial's "
                         "record (trials/<id>/) keeps its settings and per-epoch metrics.",
                         self.uri, what, _short(error))
 
@@ -344,3 +344,145 @@ def epoch_metrics(result: dict) -> dict[str, float]:
     return {key: float(value) for key, value in result.items()
             if key not in AUTO_RESULT_KEYS and key != "epoch"
             and isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+# ---------------------------------------------------------------------------- cifar finetune
+#: What the Train workers add to each report that is bookkeeping, not a metric.
+TRAIN_BOOKKEEPING = ("start_epoch", "replicas")
+
+
+def finetune_options(tracking: str, name: str, storage_uri: str, model: str,
+                     mlflow_tracking_uri: str | None = None) -> SweepOptions:
+    """A ``cifar finetune`` run tracked as a one-cell sweep named ``name``: the same checks,
+    default store (``<storage>/<name>/mlflow.db``), parent and child runs as ``cifar tune``."""
+    return SweepOptions(name=name, storage=storage_uri, models=(model,), tracking=tracking,
+                        mlflow_tracking_uri=mlflow_tracking_uri)
+
+
+def train_callbacks(options: SweepOptions, cell: Cell) -> list:
+    """The Ray Train callbacks ``options.tracking`` asks for, for one multi-worker run.
+
+    Train V2 has no logger callbacks of its own, so a ``UserCallback`` does it; Ray runs those
+    in Train's controller, which it places on the driver's node, so a local store or event
+    folder is the driver's. Each epoch as rank 0 reports it: TensorBoard scalars (and the
+    HParams of the settings that differ from the model's defaults when the test report
+    arrives), or MLflow metrics on the run's child run. ``finish_train_run`` (in the driver,
+    after the record is written) closes the MLflow runs. A failing tracker is named once and
+    tracking ends; training goes on."""
+    if options.tracking == "none":
+        return []
+    from ray.train import UserCallback
+
+    class TrainTracking(UserCallback):
+        def __init__(self):
+            self.events: TrainEvents | None = None
+            self.runs: MlflowRuns | None = None
+            self.broken = False
+
+        def after_report(self, run_context, metrics, checkpoint):
+            result = metrics[0] if metrics else {}
+            if options.tracking == "mlflow":
+                if self.runs is None:
+                    self.runs = MlflowRuns(options, lambda config: cell)
+                    self.runs.guard("opening the run's MLflow runs", _open_cell, self.runs)
+                if "test_accuracy" not in result:  # the test report repeats the last epoch
+                    self.runs.guard("logging an epoch", self.runs.log_epoch, {},
+                                    _without_bookkeeping(result))
+                return
+            if self.broken:
+                return
+            try:
+                self.events = self.events or TrainEvents(options, cell)
+                self.events.log(_without_bookkeeping(result))
+            except Exception as error:  # tracking must never end a run
+                self.broken = True
+                log.warning("cifar finetune: TensorBoard logging into %s failed (%s); no "
+                            "more event files in this run. Training goes on, and the run's "
+                            "record keeps its per-epoch metrics.",
+                            options.sweep_uri, _short(error))
+
+    return [TrainTracking()]
+
+
+def finish_train_run(options: SweepOptions, cell: Cell, status: str) -> None:
+    """In the driver, once the record is written: the cell's MLflow run gets its test
+    metrics and best checkpoint and ends with ``status`` (FINISHED or FAILED), and so does
+    the parent. Nothing for other trackers."""
+    if options.tracking != "mlflow":
+        return
+    runs = MlflowRuns(options, lambda config: cell)
+
+    def finish():
+        _open_cell(runs)
+        runs.end_trial({}, status)
+        runs.end(["TERMINATED" if status == "FINISHED" else "ERROR"])
+
+    runs.guard("ending the run's MLflow runs", finish)
+
+
+def _open_cell(runs: "MlflowRuns") -> None:
+    runs.start()
+    runs.start_trial({})
+
+
+def _without_bookkeeping(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k not in TRAIN_BOOKKEEPING}
+
+
+class TrainEvents:
+    """TensorBoard event files of one Ray Train run in ``<run>/tensorboard/``, in
+    tensorboardX's format (what Ray Tune's own logger writes); for ``s3://`` storage they are
+    written in a local cache folder and the folder is uploaded after every epoch. Steps are
+    epochs, so a resumed run's new event file continues the curves.
+
+    tensorboardX's ``EventsWriter`` writes as it is called; its ``SummaryWriter`` hands events
+    to a background thread and its ``flush`` does not wait for that thread, so an upload right
+    after it could miss the epoch just logged."""
+
+    def __init__(self, options: SweepOptions, cell: Cell):
+        from tensorboardX.event_file_writer import EventsWriter
+
+        self.remote = storage.join_uri(options.sweep_uri, storage.TENSORBOARD_DIR)
+        if storage.is_s3(self.remote):
+            self.local = storage.cache_dir(storage.TENSORBOARD_DIR, options.name, cell.trial_id)
+        else:
+            self.local, self.remote = Path(self.remote), None
+            self.local.mkdir(parents=True, exist_ok=True)
+        self.cell = cell
+        self.writer = EventsWriter(str(self.local / "events"))
+
+    def log(self, result: dict) -> None:
+        from tensorboardX.summary import scalar
+
+        if "test_accuracy" in result:
+            self._hparams(result)
+        elif "epoch" in result:
+            for key, value in epoch_metrics(result).items():
+                self._write(scalar(key, value), step=int(result["epoch"]))
+        self.writer.flush()
+        if self.remote:
+            storage.upload_tree(self.local, self.remote)
+
+    def _write(self, summary, step: int | None = None) -> None:
+        from tensorboardX.proto import event_pb2
+
+        event = event_pb2.Event(wall_time=time.time(), summary=summary)
+        if step is not None:
+            event.step = step
+        self.writer.write_event(event)
+
+    def _hparams(self, result: dict) -> None:
+        from tensorboardX.summary import hparams
+
+        from cifar_core.settings import Settings
+
+        settings = self.cell.settings.to_dict()
+        defaults = Settings.from_dict({"model": self.cell.settings.model}).to_dict()
+        varied = {k: v for k, v in settings.items() if v != defaults.get(k) and k != "data"
+                  and isinstance(v, (int, float, str, bool))}
+        metrics = {"test_accuracy": float(result["test_accuracy"])}
+        if "best_val_accuracy" in result:  # train()'s running best, across resumes
+            metrics["val_accuracy"] = float(result["best_val_accuracy"])
+        for summary in hparams(hparam_dict={"model": self.cell.settings.model, **varied},
+                               metric_dict=metrics):
+            self._write(summary)

@@ -14,6 +14,10 @@ phases' rates for a larger global batch. ``--backbone-weights`` takes ``imagenet
 download), a file every node can read, an ``s3://`` URI (air-gapped clusters: pre-stage the
 ``.h5`` there) or ``none``.
 
+``--tracking tensorboard`` writes each epoch's metrics (and the HParams at the end) to
+``STORAGE/NAME/tensorboard/``; ``--tracking mlflow`` logs an MLflow run (parent: NAME, child: the
+trial id), by default into ``STORAGE/NAME/mlflow.db`` (docs/tracking.md).
+
 Output: Ray Train's checkpoints in ``STORAGE/NAME/`` (one per epoch, the newest
 ``--keep-checkpoints`` kept); at the end ``STORAGE/NAME/trials/<trial_id>/`` with ``trial.json``,
 ``metrics.jsonl`` and ``best/`` (the checkpoint ``cifar score`` reads). A worker that dies is
@@ -36,6 +40,7 @@ import cifar_core  # noqa: F401  (selects tf_keras before TensorFlow loads)
 from cifar_core.data import DataError
 from cifar_core.ladder import smoke_settings
 from cifar_core.multiworker import LR_RULES, FinetuneError, FinetuneOptions, run_finetune
+from cifar_core.plan import TRACKERS
 from cifar_core.settings import SettingsError, add_settings_arguments, settings_from_args
 from cifar_core.storage import StorageError, check_endpoint
 from jobs import add_log_level, configure_logging
@@ -70,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "none (default), linear (SGD) or sqrt (Adam).")
     run.add_argument("--scratch-dir", default=None,
                      help="Worker-local folder for per-worker checkpoints (default: temp).")
+    run.add_argument("--tracking", choices=TRACKERS, default="none",
+                     help="Experiment tracking: TensorBoard event files in STORAGE/NAME/"
+                          "tensorboard/ or MLflow runs (needs the [tracking] extra).")
+    run.add_argument("--mlflow-tracking-uri", default=None,
+                     help="An MLflow tracking server (default with --tracking mlflow: a local "
+                          "store in STORAGE/NAME/mlflow.db).")
     run.add_argument("--address", default=None, help="Ray cluster address (or RAY_ADDRESS).")
     run.add_argument("--s3-endpoint", default=None,
                      help="Endpoint of an S3-compatible store (default: AWS_ENDPOINT_URL).")
@@ -103,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             gpus_per_worker=args.gpus_per_worker, max_failures=args.max_failures,
             resume=args.resume, init_from=args.init_from,
             scale_learning_rate=args.scale_learning_rate,
-            keep_checkpoints=args.keep_checkpoints, scratch_dir=args.scratch_dir)
+            keep_checkpoints=args.keep_checkpoints, scratch_dir=args.scratch_dir,
+            tracking=args.tracking, mlflow_tracking_uri=args.mlflow_tracking_uri)
         print(f"cifar finetune: {settings.model} with {options.num_workers} workers "
               f"(global batch {settings.batch_size}) into {options.run_uri}", flush=True)
         result = run_finetune(settings, options, address=args.address)
@@ -118,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{record.best_epoch} of {record.epochs_run}), test_accuracy "
           f"{record.test_accuracy:.4f}; model in {result.best_uri}, record in "
           f"{result.trial_uri}")
+    if options.tracking != "none":
+        from cifar_core.tracking import describe, finetune_options
+
+        print("cifar finetune: " + describe(finetune_options(
+            options.tracking, options.name, options.storage, settings.model,
+            options.mlflow_tracking_uri)))
     return 0
 
 

@@ -223,6 +223,98 @@ def test_gradient_sync_two_workers_equal_one_worker_with_double_batch(
     assert {m["replicas"] for m in _reports(sync_options)} == {2}  # one step, two replicas
 
 
+@pytest.mark.slow
+def test_tracking_tensorboard_and_mlflow_follow_the_record(ray_cluster, m4_data, tmp_path,
+                                                           monkeypatch):
+    """--tracking for a Ray Train run: TensorBoard scalars per epoch and HParams, and an MLflow
+    parent (the run's name) and child (the trial) in the default store, matching the record."""
+    from mlflow import MlflowClient
+
+    from cifar_core.tracking import finetune_options, mlflow_tracking_uri
+    from tests.test_tracking import read_events
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    settings = Settings.from_dict({**M4_SMALL, "data": m4_data.source, "num_epochs": 2,
+                                   "learning_rate": 3e-3})
+    options = _options(tmp_path, "tb", tracking="tensorboard")
+    record = run_finetune(settings, options, data=m4_data).record
+    files = list((Path(options.run_uri) / storage.TENSORBOARD_DIR).glob("events.out.*"))
+    assert len(files) == 1
+    hparams, metric_tags, events = read_events(files[0])
+    # The HParams: the model and what differs from its defaults (limit, epochs, rate, ...).
+    assert hparams["model"] == "M4" and hparams["learning_rate"] == pytest.approx(3e-3)
+    assert hparams["num_epochs"] == 2 and "data" not in hparams
+    assert metric_tags == {"test_accuracy", "val_accuracy"}
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"):
+        logged = [(s.step, s.value) for s in events.Scalars(key)]
+        assert logged == [(epoch["epoch"], pytest.approx(epoch[key], rel=1e-6))
+                          for epoch in record.history], key
+    assert "replicas" not in events.Tags()["scalars"]  # bookkeeping, not a metric
+
+    options = _options(tmp_path, "ml", tracking="mlflow")
+    record = run_finetune(settings, options, data=m4_data).record
+    uri = mlflow_tracking_uri(finetune_options("mlflow", options.name, options.storage, "M4"))
+    assert uri == f"sqlite:///{Path(options.run_uri, 'mlflow.db')}"
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("ml").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == len(children) == 1
+    child = children[0]
+    assert parents[0].info.status == child.info.status == "FINISHED"
+    assert child.data.tags["cifar.trial_id"] == record.trial_id
+    assert child.data.tags["cifar.best_checkpoint"] == record.checkpoint_uri
+    assert child.data.params == {k: str(v) for k, v in record.settings.items()}
+    assert child.data.metrics["test_accuracy"] == pytest.approx(record.test_accuracy)
+    for key in ("loss", "val_accuracy"):
+        logged = sorted((m.step, m.value)
+                        for m in client.get_metric_history(child.info.run_id, key))
+        assert logged == [(epoch["epoch"], pytest.approx(epoch[key]))
+                          for epoch in record.history], key
+    assert not any("replicas" in key or "start_epoch" in key for key in child.data.metrics)
+
+
+def test_tensorboard_events_of_a_train_run_reach_s3_storage(tmp_path, s3_bucket,
+                                                            monkeypatch):
+    """The event file is written in the local cache and uploaded after every epoch."""
+    from cifar_core.tracking import TrainEvents, finetune_options
+    from tests.test_tracking import read_events
+
+    monkeypatch.setenv("CIFAR_FLEET_CACHE", str(tmp_path / "cache"))
+    options = finetune_options("tensorboard", "m4-s3", f"s3://{s3_bucket}/runs", "M4")
+    settings = Settings.from_dict({"model": "M4", "learning_rate": 0.5})
+    events = TrainEvents(options, Cell(settings, "abc", sweep_uri=options.sweep_uri))
+    remote = storage.join_uri(options.sweep_uri, storage.TENSORBOARD_DIR)
+    history = [{"epoch": 1, "loss": 2.0, "val_accuracy": 0.3, "best_val_accuracy": 0.3},
+               {"epoch": 2, "loss": 1.5, "val_accuracy": 0.4, "best_val_accuracy": 0.4}]
+    events.log(history[0])
+    assert len(storage.list_files(remote)) == 1  # there after the first epoch
+    events.log(history[1])
+    events.log({**history[1], "test_accuracy": 0.38})
+    (uri,) = storage.list_files(remote)
+    local = tmp_path / "copy" / uri.rsplit("/", 1)[-1]
+    local.parent.mkdir()
+    local.write_bytes(storage.read_bytes(uri))
+    hparams, metric_tags, read = read_events(local)
+    assert hparams == {"model": "M4", "learning_rate": 0.5}
+    assert metric_tags == {"test_accuracy", "val_accuracy"}
+    assert [(s.step, s.value) for s in read.Scalars("loss")] == [(1, 2.0), (2, 1.5)]
+
+
+def test_tracking_needs_its_extra_before_anything_starts(tmp_path, image_folder, monkeypatch,
+                                                         capsys):
+    from jobs.finetune import main
+
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # `import mlflow` fails: not installed
+    code = main(["--storage", str(tmp_path / "store"), "--tracking", "mlflow", "--model", "M4",
+                 "--data", str(image_folder), "--limit", "100"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--tracking mlflow needs the mlflow package" in err
+    assert 'pip install "cifar-fleet[tracking]"' in err
+    assert not (tmp_path / "store").exists()  # refused before Ray or any file
+
+
 # ---------------------------------------------------------------------------- Tune
 @pytest.mark.slow
 def test_runs_as_a_tune_trial_with_its_own_workers(ray_cluster, m4_data, s3_bucket, tmp_path):
