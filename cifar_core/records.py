@@ -378,11 +378,27 @@ def configuration(record: TrialRecord) -> str:
                        if k != "seed"}, sort_keys=True)
 
 
+#: What an archive's name ends with; its data set is named without it.
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+
+
+def data_identity(record: TrialRecord) -> list:
+    """The data set a trial trained on, by its folder's (or archive's) name and its split
+    sizes rather than the full path: the shared data unpacked at /work/data/cifar10 on one
+    machine and /tmp/x/cifar10 on another is one data set, and the same ``split_seed`` and
+    ``validation_fraction`` hold out the same images of it."""
+    name = str(record.settings.get("data") or "").rstrip("/").rsplit("/", 1)[-1]
+    for suffix in ARCHIVE_SUFFIXES:
+        name = name.removesuffix(suffix)
+    data = record.data or {}
+    return [name, data.get("train"), data.get("val"), data.get("test")]
+
+
 def validation_key(record: TrialRecord) -> str:
     """The held-out images a trial's val_accuracy was measured on (accuracies are compared
     only between trials that share them)."""
     s = record.settings
-    return json.dumps([s.get("data"), s.get("limit"), s.get("validation_fraction"),
+    return json.dumps([*data_identity(record), s.get("limit"), s.get("validation_fraction"),
                        s.get("split_seed")])
 
 

@@ -116,6 +116,24 @@ def _record(trial_id, model, val, test, checkpoint, limit=None, seed=0, lr=0.01,
                        resources={"CPU": 1, "GPU": 0}, finished="2026-12-01T00:00:00+00:00")
 
 
+def test_one_data_set_at_two_paths_is_one_validation_pool():
+    """The shared data unpacked at different paths on two machines (the committed results):
+    their trials compete; another data set's do not."""
+    from cifar_core.records import validation_key
+
+    here, there, archive, other = (_record(i, "M4", v, v, None) for i, v in (
+        ("M4-here", 0.70), ("M8-there", 0.89), ("M1-archive", 0.60), ("M2-other", 0.99)))
+    here.settings["data"] = "/work/data/cifar10"
+    there.settings["data"] = "/tmp/cifar-jpeg/cifar10/"
+    archive.settings["data"] = "s3://bucket/sets/cifar10.tar.gz"
+    other.settings["data"] = "/data/cifar100"
+    assert validation_key(here) == validation_key(there) == validation_key(archive)
+    assert validation_key(other) != validation_key(here)
+    assert select_best([here, there]).record.trial_id == "M8-there"
+    there.data = {"val": 1000}  # a different split size: other held-out images
+    assert validation_key(there) != validation_key(here)
+
+
 def test_the_best_model_is_the_same_for_report_score_and_publish(trained_run, tmp_path,
                                                                  s3_bucket):
     """A --limit subset trial has the highest val_accuracy of all, but on 100 held-out images,
