@@ -122,14 +122,14 @@ def test_one_data_set_at_two_paths_is_one_validation_pool():
     from cifar_core.records import validation_key
 
     here, there, archive, other = (_record(i, "M4", v, v, None) for i, v in (
-        ("M4-here", 0.70), ("M8-there", 0.89), ("M1-archive", 0.60), ("M2-other", 0.99)))
+        ("M4-here", 0.70), ("M4-there", 0.89), ("M4-archive", 0.60), ("M4-other", 0.99)))
     here.settings["data"] = "/work/data/cifar10"
     there.settings["data"] = "/tmp/cifar-jpeg/cifar10/"
     archive.settings["data"] = "s3://bucket/sets/cifar10.tar.gz"
     other.settings["data"] = "/data/cifar100"
     assert validation_key(here) == validation_key(there) == validation_key(archive)
     assert validation_key(other) != validation_key(here)
-    assert select_best([here, there]).record.trial_id == "M8-there"
+    assert select_best([here, there]).record.trial_id == "M4-there"
     there.data = {"val": 1000}  # a different split size: other held-out images
     assert validation_key(there) != validation_key(here)
 
