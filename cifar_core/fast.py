@@ -1,10 +1,10 @@
-"""M8's fast-training pieces: patch whitening from data, BatchNorm's fast shift, test-time
-augmentation layers, the weight average and the warm-up/linear-decay learning rate.
+"""M8's fast-training pieces: patch whitening from data, test-time augmentation layers, the
+weight average and the warm-up/linear-decay learning rate.
 
 Read to learn, written anew for tf_keras: airbench (Keller Jordan, github.com/KellerJordan/
 cifar10-airbench) and David Page's "How to train your ResNet" (myrtle.ai, 2018). The builder
 is ``models.build_m8``; ``train.train`` adds the callbacks from the settings. The two TTA
-layers and ``ScaledBias`` are registered Keras objects (``models.ALLOWED_KERAS_OBJECTS`` lists them), so a saved
+layers are registered Keras objects (``models.ALLOWED_KERAS_OBJECTS`` lists them), so a saved
 M8 predicts with its test-time augmentation wherever it is loaded: evaluation, ``cifar score``
 and ``cifar serve`` all call the model with ``training=False`` and get the same mean of views.
 No Ray here.
@@ -83,41 +83,6 @@ def dirac_initialise(model: keras.Model) -> None:
             kernel[:, :, :, :n] = 0
             kernel[1, 1, np.arange(n), np.arange(n)] = 1
             layer.set_weights([kernel, *rest])
-
-
-# ----------------------------------------------------------------------- layers, init
-#: How much faster BatchNorm's shift learns than the convs: airbench's ``bias_scaler`` 64
-#: (its learning rate, not its weight decay), as a parameter scaled by sqrt(64) = 8.
-BIAS_SCALE = 8.0
-
-
-@keras.saving.register_keras_serializable(package="cifar_fleet")
-class ScaledBias(keras.layers.Layer):
-    """``x + scale * v``, one ``v`` per channel: BatchNorm's shift (airbench's BN has no scale
-    and a bias at 64x the learning rate). Under SGD the gradient of ``v`` is ``scale`` times
-    the shift's, and each step moves the shift by ``scale`` times that again: scale**2 times
-    the rate, while the optimizer's decoupled weight decay (``lr * wd * v``) shrinks the shift
-    at the convs' rate, as airbench's ``weight_decay=wd/lr_biases`` does."""
-
-    def __init__(self, scale: float = BIAS_SCALE, **kwargs):
-        super().__init__(**kwargs)
-        self.scale = float(scale)
-
-    def build(self, input_shape):
-        self.bias = self.add_weight(name="bias", shape=(input_shape[-1],), initializer="zeros")
-
-    def call(self, x):
-        return x + tf.cast(self.scale * self.bias, x.dtype)
-
-    def get_config(self) -> dict:
-        return {**super().get_config(), "scale": self.scale}
-
-
-def torch_default_init() -> keras.initializers.Initializer:
-    """PyTorch's default conv/linear init, uniform within 1/sqrt(fan_in): the scale airbench's
-    learning rate, weight decay and bias rate were tuned with (Keras's Glorot is ~1.7x wider
-    for a 160 -> 160 conv)."""
-    return keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform")
 
 
 # ------------------------------------------------------------------ test-time augmentation

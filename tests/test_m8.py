@@ -119,35 +119,6 @@ def test_weight_average_is_what_validation_and_the_end_of_training_see(images):
     assert any(not np.allclose(a, b) for a, b in zip(seen[0], seen[1]))
 
 
-def test_batchnorm_shift_learns_64_times_faster_and_decays_at_the_common_rate():
-    # fast.ScaledBias against a plain bias on the same gradient: one SGD step (no momentum)
-    # moves the shift BIAS_SCALE**2 times as far; decoupled decay shrinks it at lr * wd.
-    import tensorflow as tf
-    import tf_keras as keras
-
-    from cifar_core.fast import BIAS_SCALE, ScaledBias
-
-    def shift_after_step(layer, weight_decay=0.0, start=0.0):
-        x = tf.zeros((4, 3))
-        layer(x)  # build
-        layer.trainable_weights[-1].assign(tf.fill((3,), start / getattr(layer, "scale", 1.0)))
-        optimizer = keras.optimizers.SGD(0.01, weight_decay=weight_decay or None)
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(layer(x) * tf.constant([1.0, 2.0, 3.0]))
-        variables = layer.trainable_weights
-        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
-        return layer(x).numpy()[0]
-
-    plain = keras.layers.Dense(3, use_bias=True, kernel_initializer="zeros")
-    plain_shift = shift_after_step(plain)
-    assert np.allclose(plain_shift, [-0.04, -0.08, -0.12])  # lr 0.01 x gradient 4 x (1, 2, 3)
-    assert np.allclose(shift_after_step(ScaledBias()), BIAS_SCALE ** 2 * plain_shift)
-    # Decay: a shift of 1 loses lr * wd = 0.5% of itself (as a conv kernel would), besides
-    # the gradient step.
-    decayed = shift_after_step(ScaledBias(), weight_decay=0.5, start=1.0)
-    assert np.allclose(decayed, 1.0 * (1 - 0.01 * 0.5) + BIAS_SCALE ** 2 * plain_shift)
-
-
 def test_warmup_then_linear_decay():
     schedule = WarmupLinearDecay(0.4, epochs=10, warmup_fraction=0.2, decay=True)
     schedule.total_steps = 100

@@ -16,7 +16,7 @@ PARAMETERS = {
     "M5": (15_241_802, 527_114),      # VGG16 base (14,714,688) frozen
     "M6": (1_672_906, 1_672_010),     # BatchNorm moving statistics are not trainable
     "M7": (2_588_490, 330_506),       # MobileNetV2 base (2,257,984) frozen
-    "M8": (795_544, 793_760),         # 48/160/160; frozen whitening (312) and BN statistics
+    "M8": (796_280, 794_496),         # 48/160/160; frozen whitening (312) and BN statistics
 }
 
 
