@@ -307,7 +307,10 @@ SCORE_SUMMARY_KEYS = ("src", "model", "files", "ok", "errors", "images_per_s", "
 
 def load_score_summaries(uris: Sequence[str], endpoint: str | None = None) -> list[dict]:
     """``cifar score``'s ``<out>.summary.json`` files (local or s3://), checked to be such and
-    to describe the outputs beside them (each output's size, and SHA-256 when local)."""
+    to describe the outputs beside them (SHA-256 when local). An output that is not there
+    (a summary kept under results/ without its predictions) is listed in ``outputs_absent``:
+    the report uses only the summary's own figures, so it can still show them, and says so;
+    an output that is there but differs is refused."""
     summaries = []
     for uri in uris:
         try:
@@ -320,18 +323,20 @@ def load_score_summaries(uris: Sequence[str], endpoint: str | None = None) -> li
         if missing:
             raise ReportError(f"--scores {uri}: not a cifar score summary (missing "
                               f"{', '.join(missing)}); pass the OUT.summary.json it wrote")
+        absent = []
         for output, facts in (summary.get("output_files") or {}).items():
-            problem = _output_mismatch(output, facts, endpoint)
+            if not storage.exists(output, endpoint):
+                absent.append(output)
+                continue
+            problem = _output_mismatch(output, facts)
             if problem:
                 raise ReportError(f"--scores {uri}: {output} {problem}: the summary and the "
                                   "output are from different runs (re-run cifar score)")
-        summaries.append({**summary, "summary_uri": uri})
+        summaries.append({**summary, "summary_uri": uri, "outputs_absent": absent})
     return summaries
 
 
-def _output_mismatch(output: str, facts: dict, endpoint: str | None) -> str | None:
-    if not storage.exists(output, endpoint):
-        return "is missing"
+def _output_mismatch(output: str, facts: dict) -> str | None:
     if storage.is_s3(output):
         return None  # its size is checked when read; hashing a large object is not worth it
     digest = digest_of(Path(output))

@@ -176,7 +176,8 @@ def scoring_display(summaries: Sequence[dict]) -> pd.DataFrame:
         provenance = summary.get("provenance") or {}
         rows.append({
             "images": summary["src"], "model": model.get("model"),
-            "trial": model.get("selected_trial") or model.get("checkpoint"),
+            # Newer summaries hold the selection record under selected_trial; older ones its path.
+            "trial": model.get("checkpoint") or model.get("selected_trial"),
             "files": summary["files"], "errors": summary["errors"],
             "accuracy": _fmt(labels.get("accuracy"), "acc"),
             "images/s": f"{summary['images_per_s']:.0f}",
@@ -184,8 +185,18 @@ def scoring_display(summaries: Sequence[dict]) -> pd.DataFrame:
             "first row after": _fmt(summary.get("first_row_s"), "time"),
             "commit": str(provenance.get("git_commit") or "—")[:12],
             "when": str(provenance.get("created") or "—")[:19],
+            "outputs": _outputs_state(summary),
         })
     return pd.DataFrame(rows)
+
+
+def _outputs_state(summary: dict) -> str:
+    """Whether the predictions behind a scoring row were checked against its summary."""
+    if not summary.get("output_files"):
+        return "not recorded (older summary)"
+    if summary.get("outputs_absent"):
+        return "not present here (figures from the summary)"
+    return "checked (SHA-256 when local)"
 
 
 # ---------------------------------------------------------------------------- the outline

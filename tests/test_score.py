@@ -413,6 +413,23 @@ def test_a_summary_that_does_not_match_its_output_is_refused_by_the_report(tmp_p
         load_score_summaries([str(path)])
 
 
+def test_a_summary_kept_without_its_output_is_shown_and_says_so(tmp_path):
+    from cifar_core.report import load_score_summaries
+    from cifar_core.report_render import scoring_display
+
+    summary = {"src": "x", "model": {"model": "M8", "checkpoint": "/runs/M8-1/best",
+                                     "selected_trial": {"trial_id": "M8-1"}}, "files": 1, "ok": 1, "errors": 0,
+               "images_per_s": 1.0, "pipeline_s": 1.0, "output_files": {
+                   str(tmp_path / "gone.csv"): {"rows": 1, "sha256": "0" * 64}}}
+    path = tmp_path / "s.summary.json"
+    path.write_text(json.dumps(summary))
+    loaded = load_score_summaries([str(path)])
+    assert loaded[0]["outputs_absent"] == [str(tmp_path / "gone.csv")]
+    shown = scoring_display(loaded)
+    assert shown["outputs"].tolist() == ["not present here (figures from the summary)"]
+    assert shown["trial"].tolist() == ["/runs/M8-1/best"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--batch-size", "0"], "--batch-size 0"), (["--limit", "0"], "limit=0"),
     (["--gpus-per-actor", "nan"], "--gpus-per-actor nan"),
