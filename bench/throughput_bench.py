@@ -8,19 +8,21 @@
 
 DIR is CIFAR-10 as ``cifar train --data`` takes it (default: $CIFAR10_DATA).
 
-1. Sustained fp32 GFLOP/s of a large matmul (2 n^3 FLOPs) and of a 3x3 conv (2 B H W Cin Cout 9)
-   in the installed TensorFlow, with ``--threads`` intra/inter-op threads: a ``cifar train`` run
+1. Sustained GFLOP/s of a large matmul (2 n^3 FLOPs) and of a 3x3 conv (2 B H W Cin Cout 9)
+   in fp32 (and in the compute dtype of each ``--precisions`` value: bf16, fp16) in the
+   installed TensorFlow, with ``--threads`` intra/inter-op threads: a ``cifar train`` run
    leaves TensorFlow's defaults (all cores: the default here), a Tune trial gets its Ray CPUs
    (``ray_glue.limit_threads_to_ray_cpus``: 1 by default, so try ``--threads 1`` too).
 2. Each model's FLOPs per image, counted by TensorFlow's graph profiler
    (``tf.compat.v1.profiler``, float_operation) on the model's forward pass: training forward
    (one view, augmentation and BatchNorm in training mode) x 3 for forward + backward, and the
    inference forward (M8's test-time augmentation included: 6 views).
-3. Training images/s of M1, M4, M6 and M8 at their seed batch sizes: ``cifar_core.train.train``
-   (tf.data from uint8, callbacks, a checkpoint per epoch) and a plain Keras ``fit`` of the same
-   model on preloaded float tensors, both on the same ``--images`` training images with the
-   same small validation split, timed over the last of ``--epochs`` epochs (the first one
-   traces). With the FLOP counts this gives the GFLOP/s each reaches.
+3. Training images/s of M1, M4, M6 and M8 at their seed batch sizes, at each ``--precisions``
+   (``Settings.precision``): ``cifar_core.train.train`` (tf.data from uint8, callbacks, a
+   checkpoint per epoch) and a plain Keras ``fit`` of the same model on preloaded float
+   tensors, both on the same ``--images`` training images with the same small validation
+   split, timed over the last of ``--epochs`` epochs (the first one traces). With the FLOP
+   counts this gives the GFLOP/s each reaches, against the conv peak of its compute dtype.
 
 Numbers from a machine shared with other work are not results: only an uncontended run
 writes into results/ (``--quick`` requires ``--out``).
@@ -58,7 +60,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=2, help="Epochs; the last is timed.")
     parser.add_argument("--seconds", type=float, default=10.0, help="Seconds per kernel.")
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--precisions", default="float32",
+                        help="Comma-separated Settings.precision values to time each model "
+                        "at (e.g. float32,mixed_bfloat16); kernels run in each one's compute "
+                        "dtype.")
     args = parser.parse_args()
+    from cifar_core.settings import PRECISIONS
+
+    args.precisions = args.precisions.split(",")
+    unknown = sorted(set(args.precisions) - set(PRECISIONS))
+    if unknown:
+        parser.error(f"--precisions {','.join(unknown)}: must be among {', '.join(PRECISIONS)}")
     if args.quick:
         if not args.out:
             parser.error("--quick writes only with --out (e.g. --out /tmp/tp), never results/")
@@ -85,16 +97,23 @@ def sustained_gflops(step, flops_per_call: float, seconds: float) -> dict:
     return {"gflops": flops_per_call / median / 1e9, "call_s": median, "calls": len(times)}
 
 
-def kernel_rates(quick: bool, seconds: float) -> dict:
+def compute_dtype(precision: str) -> str:
+    return {"float32": "float32", "mixed_float16": "float16",
+            "mixed_bfloat16": "bfloat16"}[precision]
+
+
+def kernel_rates(quick: bool, seconds: float, dtype: str = "float32") -> dict:
+    """Sustained GFLOP/s of a large matmul and 3x3 conv in ``dtype`` (sums in float32)."""
     import tensorflow as tf
 
     n = 1024 if quick else 4096
-    a, b = tf.random.normal([n, n]), tf.random.normal([n, n])
-    matmul = tf.function(lambda: tf.reduce_sum(tf.matmul(a, b)))
+    a, b = (tf.cast(tf.random.normal([n, n]), dtype) for _ in range(2))
+    matmul = tf.function(lambda: tf.reduce_sum(tf.cast(tf.matmul(a, b), tf.float32)))
     batch, size, channels = (16, 32, 64) if quick else (128, 32, 128)
-    images = tf.random.normal([batch, size, size, channels])
-    kernel = tf.random.normal([3, 3, channels, channels])
-    conv = tf.function(lambda: tf.reduce_sum(tf.nn.conv2d(images, kernel, 1, "SAME")))
+    images = tf.cast(tf.random.normal([batch, size, size, channels]), dtype)
+    kernel = tf.cast(tf.random.normal([3, 3, channels, channels]), dtype)
+    conv = tf.function(lambda: tf.reduce_sum(tf.cast(
+        tf.nn.conv2d(images, kernel, 1, "SAME"), tf.float32)))
     return {
         "matmul": {"shape": [n, n, n], **sustained_gflops(matmul, 2 * n ** 3, seconds)},
         "conv3x3": {"shape_nhwc": [batch, size, size, channels], "filters": channels,
@@ -136,13 +155,13 @@ def load_data(args: argparse.Namespace, settings):
                    x[-100:], y[-100:], source="synthetic")
 
 
-def model_settings(model: str, args: argparse.Namespace):
+def model_settings(model: str, args: argparse.Namespace, precision: str = "float32"):
     from cifar_core.settings import Settings
 
     # A small validation split: both timings include it, but it should not dominate.
     return Settings.from_dict({"model": model, "data": args.data or "keras",
                                "limit": args.images, "validation_fraction": 0.05,
-                               "num_epochs": args.epochs})
+                               "num_epochs": args.epochs, "precision": precision})
 
 
 def time_train(settings, data) -> float:
@@ -175,17 +194,18 @@ def time_plain_fit(settings, data) -> float:
     return len(data.y_train) / times[-1]
 
 
-def measure_model(model: str, args: argparse.Namespace) -> dict:
+def measure_model(model: str, args: argparse.Namespace, precision: str) -> dict:
     from cifar_core.models import build_model
 
-    settings = model_settings(model, args)
+    settings = model_settings(model, args, precision)
     data = load_data(args, settings)
     network = build_model(settings, compile=False)
     forward = counted_flops(network, settings.input_size, training=True)
     inference = counted_flops(network, settings.input_size, training=False)
     train_rate, fit_rate = time_train(settings, data), time_plain_fit(settings, data)
     per_image = 3 * forward
-    return {"model": model, "batch_size": settings.batch_size, "parameters":
+    return {"model": model, "precision": precision, "batch_size": settings.batch_size,
+            "parameters":
             network.count_params(), "train_images": len(data.y_train),
             "validation_images": len(data.y_val), "forward_flops": forward,
             "train_flops_per_image": per_image, "inference_flops_per_image": inference,
@@ -195,22 +215,26 @@ def measure_model(model: str, args: argparse.Namespace) -> dict:
 
 
 def render(payload: dict) -> str:
-    kernels = payload["kernels"]
-    lines = [f"# Training throughput ({payload['threads']} TensorFlow threads)", "",
-             f"Sustained fp32: matmul {kernels['matmul']['gflops']:.1f} GFLOP/s "
-             f"({'x'.join(map(str, kernels['matmul']['shape']))}), 3x3 conv "
-             f"{kernels['conv3x3']['gflops']:.1f} GFLOP/s (NHWC "
-             f"{'x'.join(map(str, kernels['conv3x3']['shape_nhwc']))}).", "",
-             "| model | batch | params | train MFLOP/img (counted, 3x fwd) | inference MFLOP/img "
-             "| train() img/s | plain fit img/s | train() GFLOP/s | fit GFLOP/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for row in payload["models"]:
+    lines = [f"# Training throughput ({payload['threads']} TensorFlow threads)", ""]
+    for dtype, kernels in payload["kernels"].items():
         lines.append(
-            f"| {row['model']} | {row['batch_size']} | {row['parameters']:,} | "
+            f"Sustained {dtype}: matmul {kernels['matmul']['gflops']:.1f} GFLOP/s "
+            f"({'x'.join(map(str, kernels['matmul']['shape']))}), 3x3 conv "
+            f"{kernels['conv3x3']['gflops']:.1f} GFLOP/s (NHWC "
+            f"{'x'.join(map(str, kernels['conv3x3']['shape_nhwc']))}).")
+    lines += ["", "| model | precision | batch | params | train MFLOP/img (counted, 3x fwd) "
+              "| inference MFLOP/img | train() img/s | plain fit img/s | train() GFLOP/s "
+              "| fit GFLOP/s | train() / peak conv |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in payload["models"]:
+        precision = row.get("precision", "float32")
+        peak = payload["kernels"][compute_dtype(precision)]["conv3x3"]["gflops"]
+        lines.append(
+            f"| {row['model']} | {precision} | {row['batch_size']} | {row['parameters']:,} | "
             f"{row['train_flops_per_image'] / 1e6:.1f} | "
             f"{row['inference_flops_per_image'] / 1e6:.1f} | {row['train_images_per_s']:.0f} | "
             f"{row['fit_images_per_s']:.0f} | {row['train_gflops']:.1f} | "
-            f"{row['fit_gflops']:.1f} |")
+            f"{row['fit_gflops']:.1f} | {row['train_gflops'] / peak:.0%} |")
     lines += ["", f"Images/s: last of {payload['epochs']} epochs over {payload['data']} "
               "training images, validation included (5% split; M8 validates with its 6-view "
               "TTA). Data: " + payload["source"] + (" (--quick: not a result)"
@@ -223,10 +247,13 @@ def main() -> None:
     set_threads(args.threads)
     payload = {"threads": args.threads, "quick": args.quick, "epochs": args.epochs,
                "data": args.images, "source": args.data or "synthetic uint8 noise",
-               "kernels": kernel_rates(args.quick, args.seconds), "models": []}
+               "kernels": {}, "models": []}
+    for dtype in dict.fromkeys(map(compute_dtype, ["float32", *args.precisions])):
+        payload["kernels"][dtype] = kernel_rates(args.quick, args.seconds, dtype)
     for model in args.models.split(","):
-        payload["models"].append(measure_model(model, args))
-        print(json.dumps(payload["models"][-1]), flush=True)
+        for precision in args.precisions:
+            payload["models"].append(measure_model(model, args, precision))
+            print(json.dumps(payload["models"][-1]), flush=True)
     table = render(payload)
     if args.out is None:
         print(f"wrote {write_results(NAME, payload, table)}")

@@ -37,20 +37,22 @@ def _inputs_and_augmentation(settings: Settings, shift_interpolation: str = "bil
 
     Keras preprocessing layers are inactive at inference, so a saved model scores unaugmented.
     Order as the seed's M6: contrast, flip, rotation; then shifts (M7; M8 shifts by whole
-    pixels with ``shift_interpolation="nearest"``, as airbench's translations are).
+    pixels with ``shift_interpolation="nearest"``, as airbench's translations are). They run
+    in float32 under any policy: cheap, and the first layer then sees unrounded pixels.
     """
     size = settings.input_size
     inputs = keras.Input(shape=(size, size, 3), name="image")
     x = inputs
+    exact = {"seed": settings.seed, "dtype": "float32"}
     if settings.augment_contrast:
-        x = layers.RandomContrast(settings.augment_contrast, seed=settings.seed)(x)
+        x = layers.RandomContrast(settings.augment_contrast, **exact)(x)
     if settings.augment_flip:
-        x = layers.RandomFlip("horizontal", seed=settings.seed)(x)
+        x = layers.RandomFlip("horizontal", **exact)(x)
     if settings.augment_rotation:
-        x = layers.RandomRotation(settings.augment_rotation, seed=settings.seed)(x)
+        x = layers.RandomRotation(settings.augment_rotation, **exact)(x)
     if settings.augment_shift:
         x = layers.RandomTranslation(settings.augment_shift, settings.augment_shift,
-                                     interpolation=shift_interpolation, seed=settings.seed)(x)
+                                     interpolation=shift_interpolation, **exact)(x)
     return inputs, x
 
 
@@ -156,10 +158,13 @@ def build_m8(settings: Settings) -> keras.Model:
     """M8: fast from-scratch VGG (airbench-style): frozen patch whitening, 3 BN conv groups."""
     inputs, x = _inputs_and_augmentation(settings, shift_interpolation="nearest")
     if settings.tta_level:
-        x = fast.TestTimeViews(settings.tta_level, name="tta_views")(x)
+        x = fast.TestTimeViews(settings.tta_level, dtype="float32", name="tta_views")(x)
     # Frozen when whitening is on: ``initialise_whitening`` sets it from the training images.
+    # float32 under any policy: whitening filters of small-eigenvalue directions are large
+    # and of mixed sign, so their sums cancel; bf16's 8-bit mantissa would leave noise.
     x = layers.Conv2D(2 * fast.PATCH_SIZE ** 2 * 3, fast.PATCH_SIZE, padding="valid",
-                      trainable=not settings.whitening, name=fast.WHITENING_LAYER)(x)
+                      trainable=not settings.whitening, dtype="float32",
+                      name=fast.WHITENING_LAYER)(x)
     x = layers.Activation("gelu")(x)
     for width in settings.width_list:
         # airbench's ConvGroup: conv, pool, BN, GELU, conv, BN, GELU. BN momentum 0.9 (Keras
@@ -176,7 +181,7 @@ def build_m8(settings: Settings) -> keras.Model:
     x = layers.Rescaling(0.125)(x)  # Page's fixed logit scale: softer logits, steadier BN net
     x = layers.Activation("softmax", dtype="float32", name="predictions")(x)
     if settings.tta_level:
-        x = fast.TestTimeMean(settings.tta_level, name="tta_mean")(x)
+        x = fast.TestTimeMean(settings.tta_level, dtype="float32", name="tta_mean")(x)
     model = keras.Model(inputs, x, name="M8")
     if settings.dirac_init:
         fast.dirac_initialise(model)
@@ -234,8 +239,7 @@ def build_model(settings: Settings, compile: bool = True,
     a layer keeps its random initial values (only fit for shape checks)."""
     if settings.model not in MODELS:
         raise ModelError(f"unknown model {settings.model!r}; valid models: {sorted(MODELS)}")
-    keras.mixed_precision.set_global_policy(
-        "mixed_float16" if settings.mixed_precision else "float32")
+    keras.mixed_precision.set_global_policy(settings.precision)
     keras.utils.set_random_seed(settings.seed)
     model = MODELS[settings.model](settings)
     if train_images is not None and settings.whitening:

@@ -28,6 +28,8 @@ CLASS_NAMES = (
 
 OPTIMIZERS = ("sgd", "adam")
 LEARNING_RATE_SCHEDULES = ("constant", "linear")
+#: Keras dtype policies: float32, or float16/bfloat16 compute with float32 variables.
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 #: Test-time augmentation levels: 0 none, 1 horizontal flip (2 views), 2 flip x {no shift,
 #: 1-px shift up-left, 1-px shift down-right} (6 views), airbench's levels.
 TTA_LEVELS = (0, 1, 2)
@@ -98,8 +100,10 @@ class Settings:
         "Multiply the learning rate by reduce_lr_factor after this many epochs without a lower "
         "val_loss (0 = off).", default=0)
     reduce_lr_factor: float = _help("Factor for reduce-LR-on-plateau, in (0, 1).", default=0.3)
-    mixed_precision: bool = _help("float16 compute with float32 variables (GPUs).",
-                                  default=False)
+    precision: str = _help(
+        "Keras dtype policy: 'float32', 'mixed_float16' (GPUs with tensor cores) or "
+        "'mixed_bfloat16' (CPUs with AVX-512 BF16 or AMX, and A100-class GPUs); the mixed "
+        "policies keep variables, softmax and M8's whitening in float32.", default="float32")
     xla: bool = _help("Compile the train step with XLA (jit_compile).", default=False)
     label_smoothing: float = _help("Label smoothing of the cross-entropy, in [0, 1) (0 = off).",
                                    default=0.0)
@@ -144,6 +148,13 @@ class Settings:
             raise SettingsError(f"settings must be an object of field: value pairs, got "
                                 f"{type(config).__name__} {str(config)[:80]!r}")
         config = {k: v for k, v in config.items() if v is not None}
+        if "mixed_precision" in config and "precision" not in config:
+            # Records and settings.json written before `precision` replaced this boolean.
+            legacy = config.pop("mixed_precision")
+            if not isinstance(legacy, bool):
+                raise SettingsError(f"mixed_precision={legacy!r} has type "
+                                    f"{type(legacy).__name__}, expected bool")
+            config["precision"] = "mixed_float16" if legacy else "float32"
         unknown = sorted(set(config) - set(cls.field_names()))
         if unknown:
             raise SettingsError(
@@ -286,6 +297,17 @@ class Settings:
             raise SettingsError(
                 f"ema_decay={self.ema_decay!r} cannot be combined with early_stopping_patience="
                 f"{self.early_stopping_patience!r}: both restore weights at the end of training")
+        if self.precision not in PRECISIONS:
+            raise SettingsError(f"precision={self.precision!r} must be one of {PRECISIONS}")
+        shifts = {n: getattr(self, n) for n in ("augment_rotation", "augment_shift")
+                  if getattr(self, n)}
+        if self.xla and shifts:
+            # RandomRotation/RandomTranslation run ImageProjectiveTransformV3, which has no XLA
+            # kernel: fit would fail at its first step (results/bench-throughput.md).
+            raise SettingsError(
+                f"xla=True cannot compile the random {'/'.join(sorted(shifts))} augmentation "
+                f"({', '.join(f'{n}={v!r}' for n, v in sorted(shifts.items()))}): TensorFlow "
+                "has no XLA kernel for ImageProjectiveTransformV3; set them to 0 or xla=False")
         if self.tta_level not in TTA_LEVELS:
             raise SettingsError(f"tta_level={self.tta_level!r} must be one of {TTA_LEVELS}")
         try:

@@ -2,7 +2,7 @@
 
     cifar finetune --smoke-test --data DATA     # 2 CPU workers, tiny M7, ~2 min on 2 cores
     cifar finetune --data s3://bucket/cifar10 --storage s3://bucket/runs --name m7-4gpu \\
-        --num-workers 4 --use-gpu --mixed-precision true        # M7's seed schedule on 4 GPUs
+        --num-workers 4 --use-gpu --precision mixed_float16  # M7's seed schedule on 4 GPUs
     cifar finetune --name m7-4gpu --storage s3://bucket/runs --resume ...  # after a lost node
     ray job submit --working-dir . -- python -m jobs.finetune --use-gpu --num-workers 8 ...
 

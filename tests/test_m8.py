@@ -139,7 +139,9 @@ def test_warmup_then_linear_decay():
     ({"reduce_lr_patience": 2, "learning_rate_schedule": "linear"},
      "reduce_lr_patience=2 cannot be combined"),
     ({"early_stopping_patience": 2}, "ema_decay=0.99 cannot be combined"),
-    ({"weight_decay": -1.0}, "weight_decay=-1.0")])
+    ({"weight_decay": -1.0}, "weight_decay=-1.0"),
+    ({"precision": "bfloat16"}, "precision='bfloat16' must be one of"),
+    ({"xla": True}, "xla=True cannot compile the random augment_shift augmentation")])
 def test_bad_recipe_settings_fail_loudly(change, message):
     with pytest.raises(SettingsError, match=message.replace("(", r"\(")):
         Settings.from_dict({"model": "M8", **change})
@@ -167,6 +169,41 @@ def test_m8_saves_and_loads_through_the_safe_loader(images, tmp_path):
     assert not loaded.get_layer(WHITENING_LAYER).trainable
     assert np.array_equal(loaded.get_layer(WHITENING_LAYER).get_weights()[0],
                           model.get_layer(WHITENING_LAYER).get_weights()[0])
+
+
+def test_bfloat16_computes_the_same_model_with_its_first_and_last_layers_in_float32(
+        images, tmp_path):
+    import tf_keras as keras
+
+    x, y = images
+    try:
+        model = build_model(smoke(precision="mixed_bfloat16"), train_images=x)
+        policies = {type(layer).__name__ if layer.name.startswith("random") else layer.name:
+                    layer.dtype_policy.name for layer in model.layers}
+        # Whitening's cancelling sums, the pixels before it, TTA and softmax stay exact.
+        for name in ("RandomFlip", "RandomTranslation", "tta_views", WHITENING_LAYER,
+                     "predictions", "tta_mean"):
+            assert policies[name] == "float32", name
+        conv = next(l for l in model.layers if type(l).__name__ == "Conv2D"
+                    and l.name != WHITENING_LAYER)
+        assert conv.compute_dtype == "bfloat16" and conv.kernel.dtype == "float32"
+        average = WeightAverage(0.9)
+        model.fit(as_inputs(x), one_hot(y), batch_size=64, epochs=1, steps_per_epoch=3,
+                  callbacks=[average], verbose=0)
+        # Its weights are AutoCastVariables; the average's update must not retrace per step.
+        assert average._update.experimental_get_tracing_count() == 1
+        path = tmp_path / "model.keras"
+        model.save(str(path), save_format="keras_v3")
+        loaded = load_checkpoint_model(path)
+        inputs = as_inputs(x[:16])
+        low = model.predict(inputs, verbose=0)
+        assert low.dtype == np.float32 and np.allclose(low.sum(axis=1), 1, atol=1e-5)
+        assert np.allclose(loaded.predict(inputs, verbose=0), low)
+        exact = build_model(smoke(), train_images=x)
+        exact.set_weights(model.get_weights())  # the same float32 variables
+        assert np.abs(exact.predict(inputs, verbose=0) - low).max() < 0.05
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
 
 
 def test_cli_train_m8_smoke(tmp_path, image_folder):

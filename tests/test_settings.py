@@ -48,6 +48,16 @@ def test_invalid_values_name_the_field_and_value(field, value):
     assert repr(value) in str(error.value) or str(value) in str(error.value)
 
 
+def test_settings_written_with_the_old_mixed_precision_flag_still_load():
+    assert Settings.from_dict({"model": "M4", "mixed_precision": True}).precision == \
+        "mixed_float16"
+    assert Settings.from_dict({"model": "M4", "mixed_precision": False}).precision == "float32"
+    with pytest.raises(SettingsError, match="mixed_precision='yes'"):
+        Settings.from_dict({"model": "M4", "mixed_precision": "yes"})
+    with pytest.raises(SettingsError, match="unknown settings field.*mixed_precision"):
+        Settings.from_dict({"model": "M4", "mixed_precision": True, "precision": "float32"})
+
+
 def test_unknown_key_is_rejected_with_valid_names():
     with pytest.raises(SettingsError, match="unknown settings field.*'learnin_rate'"):
         Settings.from_dict({"model": "M1", "learnin_rate": 0.1})
