@@ -216,6 +216,8 @@ def measure_model(model: str, args: argparse.Namespace, precision: str) -> dict:
 
 def render(payload: dict) -> str:
     lines = [f"# Training throughput ({payload['threads']} TensorFlow threads)", ""]
+    if "matmul" in payload["kernels"]:  # a payload from before --precisions: fp32 only
+        payload = {**payload, "kernels": {"float32": payload["kernels"]}}
     for dtype, kernels in payload["kernels"].items():
         lines.append(
             f"Sustained {dtype}: matmul {kernels['matmul']['gflops']:.1f} GFLOP/s "

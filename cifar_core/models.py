@@ -230,6 +230,13 @@ def compile_model(model: keras.Model, settings: Settings, learning_rate: float) 
                   loss=loss, metrics=["accuracy"], jit_compile=settings.xla)
 
 
+def use_precision(settings: Settings) -> None:
+    """Set Keras' global dtype policy to ``settings.precision`` before building or resuming a
+    model: layers take it at construction, and compile wraps the optimizer for loss scaling
+    under mixed_float16 only when the policy is set."""
+    keras.mixed_precision.set_global_policy(settings.precision)
+
+
 def build_model(settings: Settings, compile: bool = True,
                 train_images=None) -> keras.Model:
     """Build (and compile, at the phase-1 learning rate) the model ``settings.model`` names.
@@ -239,7 +246,7 @@ def build_model(settings: Settings, compile: bool = True,
     a layer keeps its random initial values (only fit for shape checks)."""
     if settings.model not in MODELS:
         raise ModelError(f"unknown model {settings.model!r}; valid models: {sorted(MODELS)}")
-    keras.mixed_precision.set_global_policy(settings.precision)
+    use_precision(settings)
     keras.utils.set_random_seed(settings.seed)
     model = MODELS[settings.model](settings)
     if train_images is not None and settings.whitening:

@@ -24,7 +24,7 @@ from typing import Any, Iterable
 
 from cifar_core import storage
 from cifar_core.ladder import LADDER
-from cifar_core.settings import Settings
+from cifar_core.settings import Settings, upgrade_legacy_fields
 
 #: Values of TrialRecord.status.
 COMPLETED = "completed"            # ran all its epochs (or its own early stopping ended it)
@@ -367,8 +367,10 @@ def with_current_fields(record: TrialRecord) -> TrialRecord:
     if record.model not in LADDER:
         return record
     defaults = Settings.from_dict({"model": record.model}).to_dict()
-    missing = {k: v for k, v in defaults.items() if k not in record.settings}
-    return replace(record, settings={**record.settings, **missing}) if missing else record
+    settings = upgrade_legacy_fields(record.settings)
+    missing = {k: v for k, v in defaults.items() if k not in settings}
+    return record if settings is record.settings and not missing else \
+        replace(record, settings={**settings, **missing})
 
 
 def configuration(record: TrialRecord) -> str:

@@ -39,6 +39,20 @@ class SettingsError(ValueError):
     """A settings field has an unknown name or a value outside its allowed range."""
 
 
+def upgrade_legacy_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with fields that older records and settings.json wrote in today's terms:
+    ``mixed_precision`` (a bool, float16 when true) became ``precision``."""
+    if "mixed_precision" not in config or "precision" in config:
+        return config
+    config = dict(config)
+    legacy = config.pop("mixed_precision")
+    if not isinstance(legacy, bool):
+        raise SettingsError(f"mixed_precision={legacy!r} has type {type(legacy).__name__}, "
+                            "expected bool")
+    config["precision"] = "mixed_float16" if legacy else "float32"
+    return config
+
+
 def _help(text: str, **kwargs: Any) -> Any:
     """A dataclass field whose docstring travels as metadata (used for ``--help`` too)."""
     return field(metadata={"help": text}, **kwargs)
@@ -147,14 +161,7 @@ class Settings:
         if not isinstance(config, dict):
             raise SettingsError(f"settings must be an object of field: value pairs, got "
                                 f"{type(config).__name__} {str(config)[:80]!r}")
-        config = {k: v for k, v in config.items() if v is not None}
-        if "mixed_precision" in config and "precision" not in config:
-            # Records and settings.json written before `precision` replaced this boolean.
-            legacy = config.pop("mixed_precision")
-            if not isinstance(legacy, bool):
-                raise SettingsError(f"mixed_precision={legacy!r} has type "
-                                    f"{type(legacy).__name__}, expected bool")
-            config["precision"] = "mixed_float16" if legacy else "float32"
+        config = upgrade_legacy_fields({k: v for k, v in config.items() if v is not None})
         unknown = sorted(set(config) - set(cls.field_names()))
         if unknown:
             raise SettingsError(
@@ -303,7 +310,8 @@ class Settings:
                   if getattr(self, n)}
         if self.xla and shifts:
             # RandomRotation/RandomTranslation run ImageProjectiveTransformV3, which has no XLA
-            # kernel: fit would fail at its first step (results/bench-throughput.md).
+            # kernel: fit fails at its first step ("Detected unsupported operations ... on
+            # XLA_CPU_JIT: ImageProjectiveTransformV3", TF 2.21).
             raise SettingsError(
                 f"xla=True cannot compile the random {'/'.join(sorted(shifts))} augmentation "
                 f"({', '.join(f'{n}={v!r}' for n, v in sorted(shifts.items()))}): TensorFlow "

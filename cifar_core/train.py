@@ -37,7 +37,7 @@ from cifar_core import fast, storage
 from cifar_core.data import Cifar10, make_dataset
 from cifar_core.evaluate import evaluate
 from cifar_core.models import (build_model, compile_model, load_checkpoint_model,
-                               set_trainable_backbone_layers)
+                               set_trainable_backbone_layers, use_precision)
 from cifar_core.provenance import provenance
 from cifar_core.settings import Settings
 from cifar_core.storage import BEST, CHECKPOINTS_DIR, LAST, MODEL_FILE
@@ -176,6 +176,7 @@ def _start(settings: Settings, workdir: Path, resume_from: str | Path | None, tr
         return build_model(settings, train_images=train_images), TrainState()
     resume_from = Path(resume_from)
     state = TrainState.read(resume_from)
+    use_precision(settings)
     model = load_checkpoint_model(resume_from / MODEL_FILE)
     if resume_from.resolve() != last.resolve():
         storage.copy_dir(resume_from, last)

@@ -142,7 +142,7 @@ def test_global_batch_and_learning_rate_rule():
         FinetuneOptions(storage="/tmp/x", name="x", scale_learning_rate="cubic")
     assert FinetuneOptions(storage="/s", name="x", num_workers=4, use_gpu=True,
                            gpus_per_worker=2).replicas == 8
-    xla = settings.replace(xla=True)
+    xla = settings.replace(xla=True, augment_rotation=0.0, augment_shift=0.0)
     check_xla(xla, FinetuneOptions(storage="/s", name="x", num_workers=1))
     check_xla(xla, FinetuneOptions(storage="/s", name="x", num_workers=2, use_gpu=True))
     with pytest.raises(SettingsError, match="XLA on CPU devices"):

@@ -201,7 +201,14 @@ def test_bfloat16_computes_the_same_model_with_its_first_and_last_layers_in_floa
         assert np.allclose(loaded.predict(inputs, verbose=0), low)
         exact = build_model(smoke(), train_images=x)
         exact.set_weights(model.get_weights())  # the same float32 variables
-        assert np.abs(exact.predict(inputs, verbose=0) - low).max() < 0.05
+
+        def logits(network):  # before the softmax: M8's scaled logits make probabilities flat
+            head = keras.Model(network.input, network.get_layer("predictions").input)
+            return np.asarray(head.predict(inputs, verbose=0), dtype=np.float32)
+
+        reference, rounded = logits(exact), logits(model)
+        error = np.abs(reference - rounded).mean() / np.abs(reference).mean()
+        assert error < 0.03, error  # bf16 keeps ~3 significant digits: measured ~0.012
     finally:
         keras.mixed_precision.set_global_policy("float32")
 

@@ -62,6 +62,21 @@ def test_records_written_before_a_settings_field_existed_compare_at_its_default(
     assert configuration(changed) != configuration(new)
 
 
+def test_records_with_the_old_mixed_precision_flag_compare_in_todays_terms():
+    from dataclasses import replace
+
+    from cifar_core.records import configuration, with_current_fields
+
+    new = make_record(cell(), Outcome(COMPLETED, history(0.5)))
+    bare = {k: v for k, v in new.settings.items() if k != "precision"}
+    old = replace(new, settings={**bare, "mixed_precision": False})
+    assert configuration(old) == configuration(new)
+    assert with_current_fields(old).settings == new.settings
+    half = with_current_fields(replace(new, settings={**bare, "mixed_precision": True}))
+    assert half.settings["precision"] == "mixed_float16" and "mixed_precision" not in half.settings
+    assert configuration(half) != configuration(new)
+
+
 @pytest.mark.parametrize("text, problem", [("[]", "JSON object"), ('{"x": 1}', "no trial_id"),
                                            ('{"trial_id": "a", "sta', "")])
 def test_damaged_records_are_reported_by_name_and_not_done(tmp_path, text, problem):
