@@ -174,10 +174,12 @@ def scoring_display(summaries: Sequence[dict]) -> pd.DataFrame:
     for summary in summaries:
         model, labels = summary["model"] or {}, summary.get("labels") or {}
         provenance = summary.get("provenance") or {}
+        selected = model.get("selected_trial")
+        if isinstance(selected, dict):  # newer summaries: the best-model rule's whole record
+            selected = selected.get("trial_id")
         rows.append({
             "images": summary["src"], "model": model.get("model"),
-            # Newer summaries hold the selection record under selected_trial; older ones its path.
-            "trial": model.get("checkpoint") or model.get("selected_trial"),
+            "trial": selected or model.get("checkpoint"),
             "files": summary["files"], "errors": summary["errors"],
             "accuracy": _fmt(labels.get("accuracy"), "acc"),
             "images/s": f"{summary['images_per_s']:.0f}",
