@@ -98,8 +98,9 @@ def sustained_gflops(step, flops_per_call: float, seconds: float) -> dict:
 
 
 def compute_dtype(precision: str) -> str:
-    return {"float32": "float32", "mixed_float16": "float16",
-            "mixed_bfloat16": "bfloat16"}[precision]
+    import tf_keras as keras
+
+    return keras.mixed_precision.Policy(precision).compute_dtype
 
 
 def kernel_rates(quick: bool, seconds: float, dtype: str = "float32") -> dict:
@@ -205,8 +206,7 @@ def measure_model(model: str, args: argparse.Namespace, precision: str) -> dict:
     train_rate, fit_rate = time_train(settings, data), time_plain_fit(settings, data)
     per_image = 3 * forward
     return {"model": model, "precision": precision, "batch_size": settings.batch_size,
-            "parameters":
-            network.count_params(), "train_images": len(data.y_train),
+            "parameters": network.count_params(), "train_images": len(data.y_train),
             "validation_images": len(data.y_val), "forward_flops": forward,
             "train_flops_per_image": per_image, "inference_flops_per_image": inference,
             "train_images_per_s": train_rate, "fit_images_per_s": fit_rate,
