@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import add_data_argument, write_results
+from common import add_data_argument, spread, write_results
 
 import cifar_core  # noqa: F401  (tf_keras before TensorFlow)
 import numpy as np
@@ -58,6 +58,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=10000,
                         help="Training images per model run (a stratified --limit subset).")
     parser.add_argument("--epochs", type=int, default=2, help="Epochs; the last is timed.")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="Runs of each model timing (train() and plain fit, each a fresh "
+                        "model); the table shows the median, the JSON median/min/max.")
     parser.add_argument("--seconds", type=float, default=10.0, help="Seconds per kernel.")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--precisions", default="float32",
@@ -71,6 +74,8 @@ def parse_args() -> argparse.Namespace:
     unknown = sorted(set(args.precisions) - set(PRECISIONS))
     if unknown:
         parser.error(f"--precisions {','.join(unknown)}: must be among {', '.join(PRECISIONS)}")
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats}: must be at least 1")
     if args.quick:
         if not args.out:
             parser.error("--quick writes only with --out (e.g. --out /tmp/tp), never results/")
@@ -203,15 +208,29 @@ def measure_model(model: str, args: argparse.Namespace, precision: str) -> dict:
     network = build_model(settings, compile=False)
     forward = counted_flops(network, settings.input_size, training=True)
     inference = counted_flops(network, settings.input_size, training=False)
-    train_rate, fit_rate = time_train(settings, data), time_plain_fit(settings, data)
+    # Alternating, so that a slow spell of the machine does not land on one of the two only.
+    train_rates, fit_rates = [], []
+    for _ in range(args.repeats):
+        train_rates.append(time_train(settings, data))
+        fit_rates.append(time_plain_fit(settings, data))
+    train_spread, fit_spread = spread(train_rates), spread(fit_rates)
+    train_rate, fit_rate = train_spread["median"], fit_spread["median"]
     per_image = 3 * forward
     return {"model": model, "precision": precision, "batch_size": settings.batch_size,
             "parameters": network.count_params(), "train_images": len(data.y_train),
             "validation_images": len(data.y_val), "forward_flops": forward,
             "train_flops_per_image": per_image, "inference_flops_per_image": inference,
             "train_images_per_s": train_rate, "fit_images_per_s": fit_rate,
+            "train_images_per_s_spread": train_spread, "fit_images_per_s_spread": fit_spread,
             "train_gflops": train_rate * per_image / 1e9,
             "fit_gflops": fit_rate * per_image / 1e9}
+
+
+def rate(row: dict, what: str) -> str:
+    """Images/s: the median, with min-max when the row has repeats."""
+    runs = row.get(f"{what}_images_per_s_spread", {"repeats": 1})
+    median = f"{row[f'{what}_images_per_s']:.0f}"
+    return median if runs["repeats"] == 1 else f"{median} ({runs['min']:.0f}-{runs['max']:.0f})"
 
 
 def render(payload: dict) -> str:
@@ -234,13 +253,15 @@ def render(payload: dict) -> str:
         lines.append(
             f"| {row['model']} | {precision} | {row['batch_size']} | {row['parameters']:,} | "
             f"{row['train_flops_per_image'] / 1e6:.1f} | "
-            f"{row['inference_flops_per_image'] / 1e6:.1f} | {row['train_images_per_s']:.0f} | "
-            f"{row['fit_images_per_s']:.0f} | {row['train_gflops']:.1f} | "
+            f"{row['inference_flops_per_image'] / 1e6:.1f} | {rate(row, 'train')} | "
+            f"{rate(row, 'fit')} | {row['train_gflops']:.1f} | "
             f"{row['fit_gflops']:.1f} | {row['train_gflops'] / peak:.0%} |")
+    repeats = payload.get("repeats", 1)
+    runs = f"median (min-max) of {repeats} runs" if repeats > 1 else "one run"
+    quick = " (--quick: not a result)" if payload["quick"] else ""
     lines += ["", f"Images/s: last of {payload['epochs']} epochs over {payload['data']} "
               "training images, validation included (5% split; M8 validates with its 6-view "
-              "TTA). Data: " + payload["source"] + (" (--quick: not a result)"
-                                                     if payload["quick"] else "") + "."]
+              f"TTA); {runs}. Data: {payload['source']}{quick}."]
     return "\n".join(lines)
 
 
@@ -249,7 +270,7 @@ def main() -> None:
     set_threads(args.threads)
     payload = {"threads": args.threads, "quick": args.quick, "epochs": args.epochs,
                "data": args.images, "source": args.data or "synthetic uint8 noise",
-               "kernels": {}, "models": []}
+               "repeats": args.repeats, "kernels": {}, "models": []}
     for dtype in dict.fromkeys(map(compute_dtype, ["float32", *args.precisions])):
         payload["kernels"][dtype] = kernel_rates(args.quick, args.seconds, dtype)
     for model in args.models.split(","):
