@@ -54,10 +54,12 @@ def spread(values: list[float]) -> dict:
             "repeats": len(values), "values": values}
 
 
-def write_results(name: str, payload: dict, table: str) -> Path:
-    """results/<name>.json (machines) and results/<name>.md (people), both with provenance."""
+def write_results(name: str, payload: dict, table: str, out: str | Path | None = None) -> Path:
+    """results/<name>.json (machines) and results/<name>.md (people), both with provenance;
+    into ``out`` instead when given (a contended or trial run: never results/)."""
     payload = {**payload, "provenance": provenance()}
-    out = REPO / "results"
+    out = REPO / "results" if out is None else Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(payload, indent=1, default=str))
     prov = payload["provenance"]
     (out / f"{name}.md").write_text(

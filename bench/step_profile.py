@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import time
-from pathlib import Path
 
 from common import write_results
 
@@ -257,17 +256,7 @@ def main() -> None:
     table = render(payload)
     print(table)
     name = NAME + (f"-{args.tag}" if args.tag else "")
-    if args.out is None:
-        print(f"wrote {write_results(name, payload, table)}")
-        return
-    from cifar_core.provenance import provenance
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    payload["provenance"] = provenance()
-    (out / f"{name}.json").write_text(json.dumps(payload, indent=1, default=str))
-    (out / f"{name}.md").write_text(table + "\n")
-    print(f"wrote {out / (name + '.md')}")
+    print(f"wrote {write_results(name, payload, table, args.out)}")
 
 
 if __name__ == "__main__":

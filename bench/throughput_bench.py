@@ -35,7 +35,6 @@ import json
 import os
 import tempfile
 import time
-from pathlib import Path
 
 from common import add_data_argument, spread, write_results
 
@@ -278,17 +277,7 @@ def main() -> None:
             payload["models"].append(measure_model(model, args, precision))
             print(json.dumps(payload["models"][-1]), flush=True)
     table = render(payload)
-    if args.out is None:
-        print(f"wrote {write_results(NAME, payload, table)}")
-        return
-    from cifar_core.provenance import provenance
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    payload["provenance"] = provenance()
-    (out / f"{NAME}.json").write_text(json.dumps(payload, indent=1, default=str))
-    (out / f"{NAME}.md").write_text(table + "\n")
-    print(f"wrote {out / (NAME + '.md')}")
+    print(f"wrote {write_results(NAME, payload, table, args.out)}")
 
 
 if __name__ == "__main__":
