@@ -1,7 +1,7 @@
 """Where a training step's time goes: each layer's forward + backward, timed on its own.
 
     python bench/step_profile.py --model M8 --precision mixed_bfloat16 \
-        --settings '{"widths": "64,256,256"}'             # ~3 min on 2 cores
+        --settings '{"widths": "64,256,256"}'             # ~5 min on 2 cores
     python bench/step_profile.py --model M6 --out /tmp/sp  # a contended machine: not results/
 
 Builds the model as ``cifar train`` does (``models.build_model``: the settings' precision,
@@ -17,10 +17,12 @@ size (no data needed; whitening keeps its random init, which costs the same):
 - the optimizer's update of all trainable weights, alone.
 
 Per layer: counted forward FLOPs (TensorFlow's graph profiler, as bench/throughput_bench.py
-counts models), milliseconds per step, and GFLOP/s at 3x the forward FLOPs (forward + the
-two backward products of a conv or matmul) against the compute dtype's sustained 3x3-conv
-peak, measured here first. The sum over layers + optimizer against the whole step shows what
-the graph runtime adds (dispatch between ops, casts between layers of different dtypes).
+counts models), milliseconds per step, and GFLOP/s at k x the forward FLOPs (k = 1 + one
+product per gradient taken: 3 for a conv with both, 2 for M8's first conv after the frozen
+whitening) against the compute dtype's sustained 3x3-conv peak, measured before and after.
+The whole step is put against the peak at 3x the model's forward FLOPs, as
+bench/throughput_bench.py does. The sum over layers + optimizer against the whole step shows
+what the graph runtime adds (loss, metrics, dispatch between ops, casts between dtypes).
 
 Environment settings that change TensorFlow's kernels (``TF_ENABLE_ONEDNN_OPTS``,
 ``ONEDNN_*``, ``OMP_*``, ``TF_NUM_*``) must be set before the command; they are recorded.
