@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import statistics
+import time
 from pathlib import Path
 
 import cifar_core  # noqa: F401  (tf_keras before TensorFlow)
@@ -52,6 +53,58 @@ def require_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> s
 def spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values),
             "repeats": len(values), "values": values}
+
+
+def median_call_seconds(call, seconds: float, min_calls: int = 3) -> tuple[float, int]:
+    """Median seconds of ``call()`` (which must block until done) over ``seconds`` of calls,
+    after one untimed call that traces and warms up; and how many calls were timed."""
+    call()
+    times, start = [], time.perf_counter()
+    while time.perf_counter() - start < seconds or len(times) < min_calls:
+        began = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - began)
+    return statistics.median(times), len(times)
+
+
+def sustained_gflops(step, flops_per_call: float, seconds: float) -> dict:
+    """Call ``step`` (a traced tf.function) until ``seconds`` pass; GFLOP/s of the median call."""
+    median, calls = median_call_seconds(lambda: step().numpy(), seconds)
+    return {"gflops": flops_per_call / median / 1e9, "call_s": median, "calls": calls}
+
+
+def conv3x3_rate(dtype: str, seconds: float, batch: int = 128, size: int = 32,
+                 channels: int = 128) -> dict:
+    """Sustained GFLOP/s of one 3x3 conv, NHWC ``batch x size x size x channels`` to
+    ``channels`` filters, in ``dtype`` (summed in float32): the benchmarks' peak."""
+    import tensorflow as tf
+
+    images = tf.cast(tf.random.normal([batch, size, size, channels]), dtype)
+    kernel = tf.cast(tf.random.normal([3, 3, channels, channels]), dtype)
+    conv = tf.function(lambda: tf.reduce_sum(tf.cast(
+        tf.nn.conv2d(images, kernel, 1, "SAME"), tf.float32)))
+    return {"shape_nhwc": [batch, size, size, channels], "filters": channels,
+            **sustained_gflops(conv, 2 * batch * size * size * channels ** 2 * 9, seconds)}
+
+
+def counted_flops(layer, shape, dtype="float32", training: bool = True) -> int:
+    """FLOPs of one forward pass of ``layer`` (a model or one layer) on one input of ``shape``
+    (no batch axis), counted by TensorFlow's graph profiler (``tf.compat.v1.profiler``,
+    float_operation).
+
+    Profiles the traced graph as it is: freezing it to constants first fails on the
+    augmentation layers' stateful random ops (RngReadAndSkip takes a resource)."""
+    import tensorflow as tf
+
+    @tf.autograph.experimental.do_not_convert
+    def forward(x):
+        return layer(x, training=training)
+
+    concrete = tf.function(forward).get_concrete_function(tf.TensorSpec([1, *shape], dtype))
+    options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+    options["output"] = "none"
+    profile = tf.compat.v1.profiler.profile(graph=concrete.graph, cmd="op", options=options)
+    return int(profile.total_float_ops)
 
 
 def write_results(name: str, payload: dict, table: str, out: str | Path | None = None) -> Path:

@@ -35,7 +35,7 @@ import json
 import os
 import time
 
-from common import write_results
+from common import conv3x3_rate, counted_flops, median_call_seconds, write_results
 
 import cifar_core  # noqa: F401  (tf_keras before TensorFlow)
 import numpy as np
@@ -71,39 +71,7 @@ def parse_args() -> argparse.Namespace:
 
 def timed(call, seconds: float) -> float:
     """Median seconds of ``call()`` (a traced function, run once first to trace and warm)."""
-    call()
-    times, start = [], time.perf_counter()
-    while time.perf_counter() - start < seconds or len(times) < 5:
-        began = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - began)
-    return float(np.median(times))
-
-
-def conv_peak(dtype: str, seconds: float) -> float:
-    """Sustained GFLOP/s of bench/throughput_bench.py's 3x3 conv (NHWC 128x32x32x128)."""
-    import tensorflow as tf
-
-    images = tf.cast(tf.random.normal([128, 32, 32, 128]), dtype)
-    kernel = tf.cast(tf.random.normal([3, 3, 128, 128]), dtype)
-    conv = tf.function(lambda: tf.reduce_sum(tf.cast(
-        tf.nn.conv2d(images, kernel, 1, "SAME"), tf.float32)))
-    return 2 * 128 * 32 * 32 * 128 * 128 * 9 / timed(lambda: conv().numpy(), seconds) / 1e9
-
-
-def layer_flops(layer, shape, dtype) -> int:
-    """Forward FLOPs of ``layer`` on one input of ``shape`` (batch 1), counted as a graph."""
-    import tensorflow as tf
-
-    @tf.autograph.experimental.do_not_convert
-    def forward(x):
-        return layer(x, training=True)
-
-    concrete = tf.function(forward).get_concrete_function(tf.TensorSpec([1, *shape], dtype))
-    options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
-    options["output"] = "none"
-    return int(tf.compat.v1.profiler.profile(graph=concrete.graph, cmd="op",
-                                             options=options).total_float_ops)
+    return median_call_seconds(call, seconds, min_calls=5)[0]
 
 
 def time_layer(layer, shape, dtype, batch: int, input_grad: bool, seconds: float) -> float:
@@ -174,17 +142,17 @@ def profile(args: argparse.Namespace) -> dict:
     compute = keras.mixed_precision.Policy(settings.precision).compute_dtype
     # Measured before and after the rest: a shared VM's speed drifts (seen here: 79-146
     # GFLOP/s within an hour), and interference only slows, so the higher is the peak.
-    peaks = [conv_peak(compute, args.seconds * 2)]
+    peaks = [conv3x3_rate(compute, args.seconds * 2)["gflops"]]
     print(f"{compute} 3x3-conv peak {peaks[0]:.0f} GFLOP/s; timing the whole step", flush=True)
     step = time_fit_step(model, settings, args.steps)
-    model_flops = layer_flops(model, (settings.input_size, settings.input_size, 3), "float32")
+    model_flops = counted_flops(model, (settings.input_size, settings.input_size, 3))
     rows, trainable_before = [], False
     for layer in [] if args.step_only else model.layers:
         if isinstance(layer, keras.layers.InputLayer):
             continue
         shape, dtype = tuple(layer.input.shape[1:]), layer.input.dtype
         print(f"timing {layer.name} ({type(layer).__name__}, input {shape})", flush=True)
-        flops = layer_flops(layer, shape, dtype)
+        flops = counted_flops(layer, shape, dtype)
         seconds = time_layer(layer, shape, dtype, settings.batch_size, trainable_before,
                              args.seconds)
         # Forward, plus one product of the same size per gradient taken (weights, input).
@@ -196,7 +164,7 @@ def profile(args: argparse.Namespace) -> dict:
                      "gflops": factor * flops * settings.batch_size / seconds / 1e9})
         trainable_before = trainable_before or bool(layer.trainable_weights)
     optimizer = 0.0 if args.step_only else time_optimizer(model, args.seconds)
-    peaks.append(conv_peak(compute, args.seconds * 2))
+    peaks.append(conv3x3_rate(compute, args.seconds * 2)["gflops"])
     peak = max(peaks)
     return {"model": args.model, "precision": settings.precision, "compute_dtype": compute,
             "batch_size": settings.batch_size, "settings": args.settings,

@@ -36,7 +36,8 @@ import os
 import tempfile
 import time
 
-from common import add_data_argument, spread, write_results
+from common import (add_data_argument, conv3x3_rate, counted_flops, spread,
+                    sustained_gflops, write_results)
 
 import cifar_core  # noqa: F401  (tf_keras before TensorFlow)
 import numpy as np
@@ -89,18 +90,6 @@ def set_threads(threads: int) -> None:
     tf.config.threading.set_inter_op_parallelism_threads(threads)
 
 
-def sustained_gflops(step, flops_per_call: float, seconds: float) -> dict:
-    """Call ``step`` (a traced tf.function) until ``seconds`` pass; GFLOP/s of the median call."""
-    step().numpy()  # trace and warm up
-    times, start = [], time.perf_counter()
-    while time.perf_counter() - start < seconds or len(times) < 3:
-        began = time.perf_counter()
-        step().numpy()
-        times.append(time.perf_counter() - began)
-    median = float(np.median(times))
-    return {"gflops": flops_per_call / median / 1e9, "call_s": median, "calls": len(times)}
-
-
 def compute_dtype(precision: str) -> str:
     import tf_keras as keras
 
@@ -114,35 +103,9 @@ def kernel_rates(quick: bool, seconds: float, dtype: str = "float32") -> dict:
     n = 1024 if quick else 4096
     a, b = (tf.cast(tf.random.normal([n, n]), dtype) for _ in range(2))
     matmul = tf.function(lambda: tf.reduce_sum(tf.cast(tf.matmul(a, b), tf.float32)))
-    batch, size, channels = (16, 32, 64) if quick else (128, 32, 128)
-    images = tf.cast(tf.random.normal([batch, size, size, channels]), dtype)
-    kernel = tf.cast(tf.random.normal([3, 3, channels, channels]), dtype)
-    conv = tf.function(lambda: tf.reduce_sum(tf.cast(
-        tf.nn.conv2d(images, kernel, 1, "SAME"), tf.float32)))
-    return {
-        "matmul": {"shape": [n, n, n], **sustained_gflops(matmul, 2 * n ** 3, seconds)},
-        "conv3x3": {"shape_nhwc": [batch, size, size, channels], "filters": channels,
-                    **sustained_gflops(conv, 2 * batch * size * size * channels ** 2 * 9,
-                                       seconds)}}
-
-
-def counted_flops(model, size: int, training: bool) -> int:
-    """FLOPs of one image's forward pass, counted by TensorFlow's graph profiler.
-
-    Profiles the traced graph as it is: freezing it to constants first fails on the
-    augmentation layers' stateful random ops (RngReadAndSkip takes a resource)."""
-    import tensorflow as tf
-
-    @tf.autograph.experimental.do_not_convert
-    def forward(images):
-        return model(images, training=training)
-
-    concrete = tf.function(forward).get_concrete_function(
-        tf.TensorSpec([1, size, size, 3], tf.float32))
-    options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
-    options["output"] = "none"
-    profile = tf.compat.v1.profiler.profile(graph=concrete.graph, cmd="op", options=options)
-    return int(profile.total_float_ops)
+    conv = dict(batch=16, channels=64) if quick else {}
+    return {"matmul": {"shape": [n, n, n], **sustained_gflops(matmul, 2 * n ** 3, seconds)},
+            "conv3x3": conv3x3_rate(dtype, seconds, **conv)}
 
 
 def load_data(args: argparse.Namespace, settings):
@@ -205,8 +168,9 @@ def measure_model(model: str, args: argparse.Namespace, precision: str) -> dict:
     settings = model_settings(model, args, precision)
     data = load_data(args, settings)
     network = build_model(settings, compile=False)
-    forward = counted_flops(network, settings.input_size, training=True)
-    inference = counted_flops(network, settings.input_size, training=False)
+    shape = (settings.input_size, settings.input_size, 3)
+    forward = counted_flops(network, shape, training=True)
+    inference = counted_flops(network, shape, training=False)
     # Alternating, so that a slow spell of the machine does not land on one of the two only.
     train_rates, fit_rates = [], []
     for _ in range(args.repeats):
