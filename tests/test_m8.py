@@ -184,6 +184,9 @@ def test_bfloat16_computes_the_same_model_with_its_first_and_last_layers_in_floa
         for name in ("RandomFlip", "RandomTranslation", "tta_views", WHITENING_LAYER,
                      "predictions", "tta_mean"):
             assert policies[name] == "float32", name
+        gelus = [l for l in model.layers if type(l).__name__ == "Activation"
+                 and l.get_config()["activation"] == "gelu"]
+        assert len(gelus) == 7 and {l.compute_dtype for l in gelus} == {"float32"}  # speed
         conv = next(l for l in model.layers if type(l).__name__ == "Conv2D"
                     and l.name != WHITENING_LAYER)
         assert conv.compute_dtype == "bfloat16" and conv.kernel.dtype == "float32"
