@@ -52,3 +52,10 @@ def test_throughput_table_shows_median_and_range_of_repeats(monkeypatch):
                                      "models": [row]})
     assert "| 1000 (900-1200) | 1100 (1050-1111) |" in table
     assert "median (min-max) of 3 runs" in table
+
+
+def test_step_knobs_refuses_an_unknown_setting_before_any_run():
+    run = subprocess.run(["bash", str(BENCH / "step_knobs.sh"), "1", "default,fpmath"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert "unknown setting 'fpmath'; known: default,onednn-off" in run.stderr
