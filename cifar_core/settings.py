@@ -117,7 +117,8 @@ class Settings:
     precision: str = _help(
         "Keras dtype policy: 'float32', 'mixed_float16' (GPUs with tensor cores) or "
         "'mixed_bfloat16' (CPUs with AVX-512 BF16 or AMX, and A100-class GPUs); the mixed "
-        "policies keep variables, softmax and M8's whitening in float32.", default="float32")
+        "policies keep variables, softmax and M8's whitening and GELUs in float32.",
+        default="float32")
     xla: bool = _help("Compile the train step with XLA (jit_compile).", default=False)
     label_smoothing: float = _help("Label smoothing of the cross-entropy, in [0, 1) (0 = off).",
                                    default=0.0)
