@@ -4,8 +4,9 @@ MODEL is a checkpoint folder (``model.keras`` + ``settings.json``), a ``model.ke
 beside its ``settings.json``, a ``cifar train`` run folder (its ``checkpoints/best``), or a
 sweep folder / storage folder of sweeps (the trial ``records.select_best`` picks, never by test
 accuracy). Local or ``s3://``; s3 checkpoints are mirrored into the local cache. The model is
-loaded once on the driver through the project's one safe loader before any Ray work, so an
-unsafe or broken checkpoint is a clear error, not an actor crash.
+loaded once on the driver through the project's one safe loader (``check_archive`` before any
+Ray work, the load itself while a job's Ray starts), so an unsafe or broken checkpoint is a
+clear error, not an actor crash.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cifar_core import storage
+from cifar_core.keras_archive import ModelError, check_keras_archive
 from cifar_core.records import TrialRecord, select_best, settings_hash
 from cifar_core.settings import CLASS_NAMES, Settings, SettingsError
 
@@ -127,18 +129,24 @@ def _best_trial(root: str, record_uris: list[str], endpoint: str | None) -> Chec
     return _load(best.checkpoint_uri, endpoint, best, selection.describe())
 
 
+def check_archive(checkpoint: Checkpoint) -> None:
+    """The safe loader's first half (``keras_archive.check_keras_archive``): no TensorFlow,
+    milliseconds, so a job runs it before it starts Ray. ``CheckpointError`` if refused."""
+    try:
+        check_keras_archive(checkpoint.model_file)
+    except ModelError as error:
+        raise _refused(checkpoint, error) from error
+
+
 def check_model(checkpoint: Checkpoint) -> bytes:
     """Load the model once, safely, check it matches its settings; return the file's bytes
     (they travel to Ray actors through the object store, so no node needs the driver's disk)."""
-    from cifar_core.models import ModelError, load_checkpoint_model
+    from cifar_core.models import load_checkpoint_model
 
     try:
         model = load_checkpoint_model(checkpoint.model_file, compile=False)
     except ModelError as error:
-        raise CheckpointError(
-            f"MODEL {checkpoint.uri}: refused or unreadable: {error}. Models are loaded from "
-            "zip .keras archives with safe_mode=True only (no Lambda layers, no custom code); "
-            "there is no option to lower that.") from error
+        raise _refused(checkpoint, error) from error
     size = checkpoint.settings.input_size
     expected = (None, size, size, 3)
     if tuple(model.input_shape) != expected or tuple(model.output_shape) != (
@@ -147,3 +155,10 @@ def check_model(checkpoint: Checkpoint) -> bytes:
             f"MODEL {checkpoint.uri}: model takes {model.input_shape} -> {model.output_shape}, "
             f"but its settings say {expected} -> (None, {len(CLASS_NAMES)})")
     return checkpoint.model_file.read_bytes()
+
+
+def _refused(checkpoint: Checkpoint, error: ModelError) -> CheckpointError:
+    return CheckpointError(
+        f"MODEL {checkpoint.uri}: refused or unreadable: {error}. Models are loaded from zip "
+        ".keras archives with safe_mode=True only (no Lambda layers, no custom code); there "
+        "is no option to lower that.")

@@ -31,13 +31,15 @@ import os
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from cifar_core.checkpoints import Checkpoint, CheckpointError, check_model, resolve_checkpoint
+from cifar_core.checkpoints import (Checkpoint, CheckpointError, check_archive, check_model,
+                                    resolve_checkpoint)
 from cifar_core.images import DECODE_SIZE, DEFAULT_MAX_PIXELS, decode_rows, one_line
 from cifar_core.listing import (BLOCK_BYTES, DEFAULT_MAX_FILE_BYTES, ERROR, OK, ListingError,
                                 check_source, inside, iter_source, read_files)
@@ -408,10 +410,16 @@ class ScoringPlan:
     columns = COLUMNS
 
 
-def plan_scoring(src: str, model: str, out: str, options: ScoreOptions = ScoreOptions()
-                 ) -> ScoringPlan:
+def plan_scoring(src: str, model: str, out: str, options: ScoreOptions = ScoreOptions(),
+                 while_checking_model: Callable[[], Any] | None = None) -> ScoringPlan:
     """Check SRC, resolve and safely load MODEL, check OUT. No Ray; raises ``ScoringError``
-    (or ``StorageError``) for every whole-job problem, before any output is touched."""
+    (or ``StorageError``) for every whole-job problem, before any output is touched.
+
+    ``while_checking_model`` runs on this thread while the model check (TensorFlow's import
+    and the safe load: seconds) runs on another, once every cheaper check has passed: the job
+    starts Ray there, so the two start-ups overlap (``results/bench-score.md``). If it raised,
+    so does this, after the check ends.
+    """
     src = src.rstrip("/") if is_s3(src) else src
     try:
         outputs, summary_uri = output_uris(out, options.formats)
@@ -430,7 +438,16 @@ def plan_scoring(src: str, model: str, out: str, options: ScoreOptions = ScoreOp
         checkpoint = resolve_checkpoint(model, options.endpoint)
         if options.model_threads and options.predictor_place == "driver":
             set_model_threads(options.model_threads)  # before the check runs TensorFlow
-        model_bytes = check_model(checkpoint)
+        if while_checking_model is None:
+            model_bytes = check_model(checkpoint)
+        else:
+            check_archive(checkpoint)  # what safety refuses, before Ray starts
+            with ThreadPoolExecutor(1, thread_name_prefix="cifar-model-check") as pool:
+                check = pool.submit(check_model, checkpoint)
+                try:
+                    while_checking_model()
+                finally:
+                    model_bytes = check.result()
     except (ListingError, CheckpointError) as error:
         raise ScoringError(str(error)) from error
     return ScoringPlan(src, checkpoint, model_bytes, outputs, summary_uri, options, check_s)

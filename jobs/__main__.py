@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from jobs import process_exit
+
 JOBS = {
     "train": "jobs.train",
     "tune": "jobs.tune",
@@ -34,5 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     return module.main(argv[1:])
 
 
+def run() -> None:
+    """The ``cifar`` console script."""
+    sys.exit(process_exit(main()))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -20,6 +20,7 @@ import cifar_core  # noqa: F401  (selects tf_keras before TensorFlow loads)
 from cifar_core.data import DataError
 from cifar_core.data import export_samples
 from cifar_core.storage import StorageError
+from jobs import process_exit
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,4 +48,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(process_exit(main()))

@@ -43,7 +43,7 @@ from cifar_core.multiworker import LR_RULES, FinetuneError, FinetuneOptions, run
 from cifar_core.plan import TRACKERS
 from cifar_core.settings import SettingsError, add_settings_arguments, settings_from_args
 from cifar_core.storage import StorageError, check_endpoint
-from jobs import add_log_level, configure_logging
+from jobs import add_log_level, configure_logging, process_exit
 
 DEFAULT_STORAGE = str(Path("results") / "runs")
 
@@ -140,4 +140,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(process_exit(main()))

@@ -26,7 +26,7 @@ import cifar_core  # noqa: F401  (selects tf_keras before anything can load Tens
 from cifar_core.report import (DEFAULT_CPU_HOUR_PRICE, DEFAULT_GPU_HOUR_PRICE, ReportError,
                                build_report, load_records, load_score_summaries)
 from cifar_core.storage import StorageError
-from jobs import add_log_level, configure_logging
+from jobs import add_log_level, configure_logging, process_exit
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,4 +126,4 @@ def smoke_sweep(data: str | None) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(process_exit(main()))

@@ -47,6 +47,7 @@ from cifar_core.images import DEFAULT_MAX_PIXELS
 from cifar_core.listing import DEFAULT_MAX_FILE_BYTES
 from cifar_core.score_outputs import OutputError, formats_for
 from cifar_core.scoring import ScoreOptions, ScoringError
+from jobs import process_exit
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_ERROR_RATE = 0, 1, 2, 3
 SMOKE = {"limit": 200, "batch_size": 64}
@@ -102,6 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     from cifar_core.scoring import check_room, execute, plan_scoring
     from cifar_core.storage import StorageError, check_endpoint, unreachable
 
+    started = False
+
+    def start_ray() -> None:  # while the model check runs (plan_scoring)
+        nonlocal started
+        started = connect_ray(args.address)
+
     try:
         if args.s3_endpoint:
             # Ray workers get it through the job's runtime_env (provenance.runtime_env_vars).
@@ -114,12 +121,17 @@ def main(argv: list[str] | None = None) -> int:
             max_pixels=args.max_pixels, max_file_bytes=args.max_file_bytes, limit=args.limit,
             formats=formats_for(args.out, args.format),
             progress_interval_s=0 if args.quiet else 5.0, endpoint=args.s3_endpoint)
-        # Everything that can be wrong with the whole job is found here, before Ray starts.
-        plan = plan_scoring(args.src, args.model, args.out, options)
+        # Everything that can be wrong with the whole job is found here; Ray starts only
+        # once SRC, OUT and MODEL's settings have passed, beside the model's load.
+        plan = plan_scoring(args.src, args.model, args.out, options,
+                            while_checking_model=start_ray)
     except (ScoringError, OutputError, StorageError) as error:
         print(f"cifar score: error: {error}", file=sys.stderr)
+        if started:
+            import ray
+
+            ray.shutdown()
         return EXIT_BAD_INPUT
-    started = connect_ray(args.address)
     if is_private(args.address):
         import ray
 
@@ -163,4 +175,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(process_exit(main()))

@@ -30,7 +30,7 @@ import threading
 import urllib.request
 
 import cifar_core  # noqa: F401  (selects tf_keras before TensorFlow loads)
-from jobs import add_log_level, configure_logging
+from jobs import add_log_level, configure_logging, process_exit
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,4 +138,4 @@ def smoke_request(url: str) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(process_exit(main()))

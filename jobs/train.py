@@ -21,7 +21,7 @@ import cifar_core  # noqa: F401  (selects tf_keras before TensorFlow loads)
 from cifar_core.data import DataError
 from cifar_core.ladder import smoke_settings
 from cifar_core.settings import SettingsError, add_settings_arguments, settings_from_args
-from jobs import add_log_level, configure_logging
+from jobs import add_log_level, configure_logging, process_exit
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,4 +71,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(process_exit(main()))

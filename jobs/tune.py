@@ -29,7 +29,7 @@ from cifar_core.ladder import LADDER, MODEL_IDS
 from cifar_core.plan import SweepError, SweepOptions, check_resources
 from cifar_core.settings import SettingsError, add_settings_arguments
 from cifar_core.storage import StorageError, unreachable
-from jobs import add_log_level, configure_logging
+from jobs import add_log_level, configure_logging, process_exit
 
 DEFAULT_STORAGE = str(Path("results") / "runs")
 
@@ -176,4 +176,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(process_exit(main()))
