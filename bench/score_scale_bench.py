@@ -80,7 +80,9 @@ def run_job(src: str, checkpoint: Path, out: Path, env: dict) -> dict:
                "--out", str(out), "--quiet", "--max-error-rate", "0"]
     peak: dict[int, int] = {}
     kinds: dict[int, str] = {}
-    worker_total = 0
+    titles: dict[int, str] = {}  # what a worker was doing at its peak (Ray retitles them)
+    pss_peak: dict[int, int] = {}
+    worker_total = worker_pss_total = 0
     done = threading.Event()
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -88,25 +90,34 @@ def run_job(src: str, checkpoint: Path, out: Path, env: dict) -> dict:
     root = psutil.Process(process.pid)
 
     def sample() -> None:
-        nonlocal worker_total
+        nonlocal worker_total, worker_pss_total
         while not done.wait(0.5):
             try:
                 tree = [root, *root.children(recursive=True)]
             except psutil.NoSuchProcess:
                 return
-            total = 0
+            total = pss_total = 0
             for child in tree:
                 try:
-                    rss = child.memory_info().rss
+                    # PSS splits shared pages (Ray's object store is shared memory, mapped by
+                    # every worker that touches a block) among the processes mapping them, so
+                    # a sum of PSS counts each page once; a sum of RSS counts it per process.
+                    memory = child.memory_full_info()
+                    rss, pss = memory.rss, memory.pss
                     kind = process_kind(child, root.pid) or kinds.get(child.pid, "")
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
-                peak[child.pid] = max(peak.get(child.pid, 0), rss)
+                if rss > peak.get(child.pid, 0):
+                    peak[child.pid] = rss
+                    titles[child.pid] = worker_title(child) or titles.get(child.pid, "")
+                pss_peak[child.pid] = max(pss_peak.get(child.pid, 0), pss)
                 if kind:
                     kinds[child.pid] = kind
                 if kinds.get(child.pid) not in ("driver", "ray daemons"):
                     total += rss
+                    pss_total += pss
             worker_total = max(worker_total, total)
+            worker_pss_total = max(worker_pss_total, pss_total)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -125,7 +136,27 @@ def run_job(src: str, checkpoint: Path, out: Path, env: dict) -> dict:
             "driver_peak_rss_mb": round(peak.get(root.pid, 0) / 2**20, 1),
             "largest_worker_peak_rss_mb": round(max(workers, default=0) / 2**20, 1),
             "workers_peak_total_rss_mb": round(worker_total / 2**20, 1),
+            "driver_peak_pss_mb": round(pss_peak.get(root.pid, 0) / 2**20, 1),
+            "workers_peak_total_pss_mb": round(worker_pss_total / 2**20, 1),
+            "largest_workers": [
+                {"title": titles.get(pid, ""), "peak_rss_mb": round(peak[pid] / 2**20, 1),
+                 "peak_pss_mb": round(pss_peak.get(pid, 0) / 2**20, 1)}
+                for pid in sorted(peak, key=peak.get, reverse=True)
+                if kinds.get(pid) not in ("driver", "ray daemons")][:6],
             "stage_s": summary["stage_s"]}
+
+
+def worker_title(process: psutil.Process) -> str:
+    """A Ray worker's title (``ray::ReadListFiles``, ``ray::_StatsActor``, ``ray::IDLE``)."""
+    try:
+        words = process.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return ""
+    return words[0][:60] if words and words[0].startswith("ray::") else ""
+
+
+def _mb(run: dict, key: str) -> str:
+    return f"{run[key]:.0f}" if key in run else "-"  # runs from before PSS was sampled
 
 
 def markdown(report: dict) -> str:
@@ -140,13 +171,24 @@ def markdown(report: dict) -> str:
         "takes minutes; repeats are left to a machine with time). Memory: peak resident set "
         "sampled every 0.5 s. Command: " f"`{report['command']}`.", "",
         "| source | files | wall, s | ms per file | first row, s | driver peak RSS, MB | "
-        "largest worker peak RSS, MB | all workers peak RSS, MB |",
-        "|---|---|---|---|---|---|---|---|"]
+        "largest worker peak RSS, MB | all workers peak RSS, MB | driver peak PSS, MB | "
+        "all workers peak PSS, MB |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
     for run in report["runs"]:
         lines.append(f"| {run['source']} | {run['files']:,} | {run['wall_s']:.1f} | "
                      f"{run['ms_per_file']:.3f} | {run['first_row_s']:.1f} | "
                      f"{run['driver_peak_rss_mb']:.0f} | {run['largest_worker_peak_rss_mb']:.0f}"
-                     f" | {run['workers_peak_total_rss_mb']:.0f} |")
+                     f" | {run['workers_peak_total_rss_mb']:.0f} | "
+                     f"{_mb(run, 'driver_peak_pss_mb')} | {_mb(run, 'workers_peak_total_pss_mb')} |")
+    ranked = [run for run in report["runs"] if run.get("largest_workers")]
+    if ranked:
+        lines += ["", "The largest Ray workers, each with its title at its peak (what it was "
+                  "running then: Ray retitles a worker per task), MB:", "",
+                  "| source | files | workers, largest first |", "|---|---|---|"]
+        lines += [f"| {run['source']} | {run['files']:,} | " + ", ".join(
+            f"{w['title'] or '?'} {w['peak_rss_mb']:.0f} (PSS {w['peak_pss_mb']:.0f})"
+            for w in run["largest_workers"])
+            + " |" for run in ranked]
     lines += ["", "Raw numbers: `bench-score-scale.json`.", ""]
     if report.get("notes"):
         lines += [report["notes"], ""]
