@@ -144,6 +144,28 @@ def test_whole_job_errors_exit_2_before_ray(tmp_path, samples, trained_run, caps
     assert ray.is_initialized() == ray_was_running  # all found before Ray would start
 
 
+def test_a_model_that_fails_after_ray_started_exits_2_and_stops_that_ray(tmp_path, samples,
+                                                                        trained_run, capsys):
+    """The archive check passes before Ray starts; the load (beside Ray's start) then finds the
+    model does not match its settings: exit 2 naming it, nothing written, and a Ray the job
+    started is shut down again."""
+    import shutil
+
+    import ray
+
+    ray_was_running = ray.is_initialized()
+    folder = tmp_path / "mismatch"
+    shutil.copytree(trained_run / "checkpoints" / "best", folder)
+    settings = Settings.from_json((folder / "settings.json").read_text())
+    (folder / "settings.json").write_text(Settings.from_dict(
+        {**settings.to_dict(), "model": "M7"}).to_json())  # M7 takes 96 px, this model 32
+    out = tmp_path / "out" / "scores.csv"
+    code, _, err = score_main(capsys, samples, "--model", folder, "--out", out)
+    assert code == 2 and "but its settings say" in err, err
+    assert not out.parent.exists()
+    assert ray.is_initialized() == ray_was_running
+
+
 def test_hdf5_checkpoint_is_refused_without_running_its_code(tmp_path, samples, capsys):
     import tf_keras as keras
 

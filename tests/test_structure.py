@@ -63,7 +63,10 @@ def test_no_import_circle_and_core_never_imports_jobs():
 
 @pytest.mark.parametrize("module, forbidden", [("models", "ray"), ("ladder", "ray"),
                                                ("ladder", "tensorflow"), ("settings", "ray"),
-                                               ("plan", "ray"), ("records", "ray")])
+                                               ("plan", "ray"), ("records", "ray"),
+                                               ("keras_archive", "tensorflow"),
+                                               ("keras_archive", "tf_keras"),
+                                               ("keras_archive", "ray")])
 def test_layering(module, forbidden):
     bad = [line for name, line in imports(TREES[module]) if name.split(".")[0] == forbidden]
     assert not bad, f"{module}.py imports {forbidden} at lines {bad}"
