@@ -5,14 +5,14 @@ through ``TF_USE_LEGACY_KERAS=1``) rather than Keras 3, because Keras 3 with
 ``MultiWorkerMirroredStrategy`` and ``fit`` is broken upstream (keras-team/keras#20585,
 ray-project/ray#47464) and the same Keras must serve single-process trials and multi-worker
 Ray Train runs. The variable only takes effect if it is set before TensorFlow is first imported,
-so importing ``cifar_core`` sets it, and every Ray ``runtime_env`` we build carries it to the
-workers (``KERAS_ENV_VARS``).
+so importing ``cifar_core`` sets it, and ``ray_glue.connect_ray`` carries it to every Ray
+worker (``KERAS_ENV_VARS``).
 """
 
 import os
 import sys
 
-#: Environment every process that touches Keras needs; jobs pass it in Ray's runtime_env.
+#: Environment every process that touches Keras needs; ``ray_glue.connect_ray`` passes it on.
 KERAS_ENV_VARS = {"TF_USE_LEGACY_KERAS": "1"}
 
 for _name, _value in KERAS_ENV_VARS.items():
